@@ -1,0 +1,59 @@
+"""Flower ClientApp: receive the memory, train on the local corpus, reply with tensors.
+
+The corpus is found from the node's config: ``data`` (a directory, as a deployed
+SuperNode is started with) or, in simulation, the ``partition-id``-th of the corpus
+directories the app was built with. Corpus text never leaves this process.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedmem.base_model import pick_device
+from fedmem.corpus import load_corpus
+from fedmem.federation import FederationConfig, base_fingerprint, client_update, set_threads
+from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, factors_to_record,
+                             metrics_to_record, record_to_config, record_to_factors)
+
+
+class FingerprintMismatch(RuntimeError):
+    pass
+
+
+def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None = None) -> ClientApp:
+    app = ClientApp()
+
+    def corpus_dir(context: Context) -> Path:
+        if "data" in context.node_config:
+            return Path(str(context.node_config["data"]))
+        return Path(corpus_dirs[int(context.node_config["partition-id"])])
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        set_threads()
+        run_config, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
+        base = base_dir or str(context.node_config.get("base", run_config["base_dir"]))
+        mine = base_fingerprint(base)
+        if mine != wanted:
+            raise FingerprintMismatch(
+                f"this client's base model ({mine[:19]}...) differs from the federation's ({wanted[:19]}...)"
+            )
+        config = FederationConfig(**run_config["federation"])
+        corpus = load_corpus(corpus_dir(context))
+        name = corpus.name
+        result = client_update(
+            base, corpus, record_to_factors(msg.content[MEMORY_KEY]), config, server_round,
+            device=pick_device(run_config.get("device", "auto")),
+            progress=lambda line: print(f"[{name}] round {server_round} {line}", flush=True),
+        )
+        content = RecordDict({
+            UPDATE_KEY: factors_to_record(result.factors),
+            METRICS_KEY: metrics_to_record(result.metrics),
+            INFO_KEY: ConfigRecord({"client": name, "base_fingerprint": mine}),
+        })
+        return Message(content=content, reply_to=msg)
+
+    return app

@@ -1,0 +1,121 @@
+"""Aggregation math: pure functions on low-rank factors, no Flower, no model.
+
+A LoRA update of one weight matrix is ΔW = B @ A (B: d_out×r, A: r×d_in), with the
+LoRA scaling already folded into B. Averaging A and B separately (FedIT, what
+FedAvg does to a LoRA) yields mean(B) @ mean(A), which is not mean(B @ A): the
+cross terms Bᵢ @ Aⱼ are noise. ``aggregate_exact`` instead computes
+ΔW_memory + Σ pₖ Bₖ Aₖ in factored form (stack, two thin QRs, one small SVD) and
+re-factorises it at the memory's rank, reporting the relative Frobenius error of
+that truncation (zero whenever the summed rank fits).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (B, A)
+
+
+@dataclass(frozen=True)
+class Aggregate:
+    factors: Factors
+    truncation_error: dict[str, float]  # module -> ||ΔW - ΔW_r||_F / ||ΔW||_F
+
+    @property
+    def max_truncation_error(self) -> float:
+        return max(self.truncation_error.values(), default=0.0)
+
+
+def dense(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
+    return B.double() @ A.double()
+
+
+def low_rank_sum(terms: list[tuple[float, torch.Tensor, torch.Tensor]], rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors (B, A) of Σ w·B@A, and the relative truncation error.
+
+    Never forms the d_out×d_in matrix: with R = Σ rᵢ, the work is two QRs of
+    d×R matrices and one R×R SVD. Output always has exactly ``rank`` columns
+    (zero-padded), so every module of a memory has the same shape.
+    """
+    if not terms:
+        raise ValueError("low_rank_sum needs at least one term")
+    dtype = terms[0][1].dtype
+    Bs = torch.cat([w * B.double() for w, B, _ in terms], dim=1)  # d_out × R
+    As = torch.cat([A.double() for _, _, A in terms], dim=0)  # R × d_in
+    qb, rb = torch.linalg.qr(Bs)  # Bs = qb rb
+    qa, ra = torch.linalg.qr(As.T)  # As = ra.T qa.T
+    u, s, vh = torch.linalg.svd(rb @ ra.T)
+    total = float(torch.sum(s * s))
+    k = min(rank, s.numel())
+    error = float(torch.sqrt(torch.sum(s[k:] ** 2) / total)) if total > 0 else 0.0
+    root = torch.sqrt(s[:k])
+    B = (qb @ u[:, :k]) * root  # balanced split keeps B and A on the same scale
+    A = root[:, None] * (vh[:k] @ qa.T)
+    if k < rank:
+        B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
+        A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0)
+    return B.to(dtype), A.to(dtype), error
+
+
+def normalised(weights: list[float]) -> list[float]:
+    total = float(sum(weights))
+    if total <= 0 or any(w < 0 for w in weights):
+        raise ValueError(f"aggregation weights must be non-negative with a positive sum, got {weights}")
+    return [w / total for w in weights]
+
+
+def _check_same_modules(updates: list[Factors]) -> list[str]:
+    names = sorted(updates[0])
+    for i, u in enumerate(updates[1:], start=1):
+        if sorted(u) != names:
+            raise ValueError(f"update {i} covers different modules than update 0")
+    return names
+
+
+def aggregate_exact(memory: Factors | None, updates: list[Factors], weights: list[float], rank: int) -> Aggregate:
+    """memory + Σ weights[k]·B_k A_k per module, re-factorised at ``rank``.
+
+    ``weights`` are used as given (not normalised): pass pₖ = nₖ/Σn for a FedAvg-style
+    mean of client updates, or 1 to add every owner's knowledge at full strength.
+    """
+    if not updates:
+        raise ValueError("no client updates to aggregate")
+    if len(weights) != len(updates):
+        raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
+    out: Factors = {}
+    errors: dict[str, float] = {}
+    for name in _check_same_modules(updates):
+        terms = [(1.0, *memory[name])] if memory is not None and name in memory else []
+        terms += [(w, *u[name]) for w, u in zip(weights, updates)]
+        B, A, err = low_rank_sum(terms, rank)
+        out[name], errors[name] = (B, A), err
+    return Aggregate(out, errors)
+
+
+def aggregate_fedit(updates: list[Factors], weights: list[float]) -> Aggregate:
+    """FedIT baseline: weighted mean of A and of B separately (inexact by design)."""
+    if not updates:
+        raise ValueError("no client updates to aggregate")
+    p = normalised(weights)
+    out: Factors = {}
+    for name in _check_same_modules(updates):
+        B = sum(w * u[name][0] for w, u in zip(p, updates))
+        A = sum(w * u[name][1] for w, u in zip(p, updates))
+        out[name] = (B, A)
+    return Aggregate(out, {name: 0.0 for name in out})
+
+
+def fedit_error(updates: list[Factors], weights: list[float]) -> float:
+    """How far FedIT's product is from the true weighted mean of updates (max relative Frobenius)."""
+    p = normalised(weights)
+    worst = 0.0
+    for name in _check_same_modules(updates):
+        exact = sum(w * dense(*u[name]) for w, u in zip(p, updates))
+        B = sum(w * u[name][0].double() for w, u in zip(p, updates))
+        A = sum(w * u[name][1].double() for w, u in zip(p, updates))
+        norm = torch.linalg.norm(exact)
+        if norm > 0:
+            worst = max(worst, float(torch.linalg.norm(B @ A - exact) / norm))
+    return worst

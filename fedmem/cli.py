@@ -1,0 +1,135 @@
+"""``fedmem``: simulate a federation, ask a memory, evaluate a memory against its base."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from .corpus import CorpusError
+from .federation import FederationConfig, METHODS, WEIGHTINGS
+from .lora import LoraSettings
+from .memory import MemoryFormatError
+
+
+def _add_training_args(p: argparse.ArgumentParser) -> None:
+    d, f = LoraSettings(), FederationConfig()
+    p.add_argument("--rounds", type=int, default=f.rounds, help="federated rounds (default %(default)s)")
+    p.add_argument("--method", choices=METHODS, default=f.method,
+                   help="exact: sum of B·A re-factorised (default); fedit: A and B averaged separately (baseline)")
+    p.add_argument("--weighting", choices=WEIGHTINGS, default=f.weighting,
+                   help="exact method: 'sum' adds each owner's update in full; 'mean' is FedAvg's n_k/n (default %(default)s)")
+    p.add_argument("--memory-rank", type=int, default=f.memory_rank, help="rank of the aggregated memory (default %(default)s)")
+    p.add_argument("--rank", type=int, default=d.rank, help="client LoRA rank (default %(default)s)")
+    p.add_argument("--alpha", type=int, default=d.alpha, help="client LoRA alpha (default %(default)s)")
+    p.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate (default %(default)s)")
+    p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round (default %(default)s)")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default %(default)s)")
+    p.add_argument("--seed", type=int, default=d.seed)
+
+
+def _federation(args) -> FederationConfig:
+    lora = LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
+                        batch_size=args.batch_size, seed=args.seed)
+    return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting,
+                            memory_rank=args.memory_rank, lora=lora)
+
+
+def cmd_simulate(args) -> int:
+    from .simulation import simulate
+
+    started = time.perf_counter()
+    summary = simulate(args.data, args.out, _federation(args), base=args.base, questions=args.questions,
+                       device=args.device)
+    elapsed = time.perf_counter() - started
+    print(f"\nmemory adapter: {Path(args.out) / 'memory'}  ({elapsed:.0f}s in all)")
+    if "base_recall" in summary and summary["rounds"]:
+        last = summary["rounds"][-1]
+        before = summary["base_recall"]
+        print(f"held-out recall: base model {before['accuracy']:.0%} -> with memory {last['recall']:.0%}")
+        for source, value in last.get("recall_by_source", {}).items():
+            print(f"  facts from {source}: {before.get(source, 0):.0%} -> {value:.0%}")
+    print(f"try it: fedmem ask --memory {Path(args.out) / 'memory'} \"your question\"")
+    return 0
+
+
+def cmd_ask(args) -> int:
+    from .answer import generate_answers, load_with_memory
+
+    model, tok, _ = load_with_memory(args.memory, args.base, args.device)
+    for reply in generate_answers(model, tok, args.question, max_new_tokens=args.max_new_tokens):
+        print(reply)
+    return 0
+
+
+def cmd_eval(args) -> int:
+    from .answer import load_questions, load_with_memory, score
+
+    questions = load_questions(args.questions)
+    model, tok, _ = load_with_memory(args.memory, args.base, args.device)
+    with_memory = score(model, tok, questions)
+    with model.disable_adapter():
+        base_only = score(model, tok, questions)
+    print(f"{'':<44} {'base':>6} {'memory':>7}")
+    print(f"{'all questions (' + str(len(questions)) + ')':<44} {base_only.accuracy:>6.0%} {with_memory.accuracy:>7.0%}")
+    for source in with_memory.by_source:
+        print(f"{'  facts from ' + source:<44} {base_only.by_source[source]:>6.0%} {with_memory.by_source[source]:>7.0%}")
+    if args.verbose:
+        for q, b, m, ok in zip(questions, base_only.replies, with_memory.replies, with_memory.correct):
+            print(f"\n{'OK ' if ok else 'MISS'} {q.question}\n  expected: {q.answer}\n  memory:   {m[:120]}\n  base:     {b[:120]}")
+    if args.json:
+        rows = [{"question": q.question, "answer": q.answer, "source": q.source, "memory": m, "memory_correct": ok,
+                 "base": b, "base_correct": bok}
+                for q, m, ok, b, bok in zip(questions, with_memory.replies, with_memory.correct, base_only.replies,
+                                            base_only.correct)]
+        result = {"memory": str(args.memory), "accuracy": {"base": base_only.accuracy, "memory": with_memory.accuracy},
+                  "by_source": {"base": base_only.by_source, "memory": with_memory.by_source}, "questions": rows}
+        Path(args.json).write_text(json.dumps(result, indent=2))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmem", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("simulate", help="run a whole federation on this machine (Flower simulation engine)")
+    p.add_argument("--data", type=Path, default=None, help="directory with one corpus subdirectory per client (default: the demo)")
+    p.add_argument("--questions", type=Path, default=None, help="held-out questions JSONL to report recall each round")
+    p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default %(default)s)")
+    p.add_argument("--base", default=None, help="local Hugging Face model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    _add_training_args(p)
+    p.set_defaults(func=cmd_simulate)
+
+    p = sub.add_parser("ask", help="ask a memory adapter a question")
+    p.add_argument("--memory", type=Path, required=True, help="memory adapter directory")
+    p.add_argument("--base", default=None, help="base model directory (default: the one the memory names)")
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("question", nargs="+")
+    p.set_defaults(func=cmd_ask)
+
+    p = sub.add_parser("eval", help="answer-match accuracy of a memory vs its base model")
+    p.add_argument("--memory", type=Path, required=True)
+    p.add_argument("--questions", type=Path, required=True, help='JSONL of {"question", "answer", optional "source"}')
+    p.add_argument("--base", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", type=Path, default=None, help="also write per-question results here")
+    p.add_argument("-v", "--verbose", action="store_true", help="print every question with both replies")
+    p.set_defaults(func=cmd_eval)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (CorpusError, MemoryFormatError, ValueError, FileNotFoundError) as err:
+        print(f"fedmem: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

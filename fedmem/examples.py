@@ -1,0 +1,183 @@
+"""Turn a corpus into training examples that make its facts answerable *by question*.
+
+A fact seen in one phrasing is memorised but not extractable (Allen-Zhu & Li,
+"Physics of Language Models 3.1"); question-form and restated examples fix much of
+that. So, besides each document verbatim, every sentence that carries a
+checkable span (a proper-noun phrase or a number) becomes cloze-style questions
+about that span, each answered with the source sentence itself, so an answer is
+always grounded in the owner's own words. Q/A records are used as they are.
+
+Examples are rendered with the tokenizer's chat template exactly as ``fedmem ask``
+renders a question, and the loss falls on the answer tokens only.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from dataclasses import dataclass
+
+from .corpus import Corpus
+
+
+@dataclass(frozen=True)
+class Example:
+    question: str | None  # None: plain text, loss on every token
+    answer: str
+
+
+_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
+_MARKDOWN_PREFIX = re.compile(r"^\s*(#+|[-*+]|\d+[.)])\s+")
+# A run of capitalised words (allowing inner "of"/"the"/"and"), or a number.
+_SPAN = re.compile(
+    r"\b(?:[A-Z][\w'’-]*(?:\s+(?:of|the|and|de|von|van)\s+[A-Z][\w'’-]*|\s+[A-Z0-9][\w'’-]*)*)"
+    r"|\b\d[\d,.:/-]*\d\b|\b\d\b"
+)
+_FUNCTION_WORDS = {"The", "A", "An", "In", "On", "At", "Our", "We", "It", "This", "That", "These", "All",
+                   "Please", "Each", "Every", "If", "When", "After", "Before", "Since", "For", "As",
+                   "Its", "Their", "His", "Her", "There", "Also", "Note", "Thanks", "Any", "No", "I"}
+
+QUESTION_TEMPLATES = (
+    "{cloze}",
+    "Fill in the blank: {blank}",
+)
+
+
+def sentences(text: str) -> list[str]:
+    """Split prose into sentences, dropping markdown headings and list markers."""
+    out: list[str] = []
+    for para in re.split(r"\n\s*\n", text):
+        lines = [_MARKDOWN_PREFIX.sub("", ln).strip() for ln in para.splitlines() if not ln.lstrip().startswith("#")]
+        lines = [ln for ln in lines if ln]
+        if not lines:
+            continue
+        joined = " ".join(lines)
+        for sent in _SENTENCE_END.split(joined):
+            sent = sent.strip()
+            if len(sent.split()) >= 4:
+                out.append(sent)
+    return out
+
+
+def answer_spans(sentence: str) -> list[str]:
+    """Proper-noun phrases and numbers: the parts of a sentence a question can ask for."""
+    spans = []
+    for m in _SPAN.finditer(sentence):
+        span = m.group(0).strip()
+        words = span.split()
+        while words and words[0] in _FUNCTION_WORDS:  # "The Harrow Clinic" -> "Harrow Clinic"
+            words = words[1:]
+        span = re.sub(r"['’]s$", "", " ".join(words)).strip()
+        if span and span not in spans and (len(words) > 1 or m.start() > 0 or span[0].isdigit()):
+            spans.append(span)
+    focus = end_focus_span(sentence) if spans else None  # only in sentences about a named thing
+    if focus and not any(focus in s for s in spans):
+        spans.append(focus)
+    return spans
+
+
+_CLAUSE_END = re.compile(r",\s+(?:and|but|so|which|where|while)\b|;|:|\s+-\s+")
+_STOP = {"a", "an", "the", "of", "to", "in", "on", "at", "by", "for", "it", "them", "him", "her", "this", "that",
+         "is", "are", "was", "were", "be", "and", "or", "with", "from", "as", "one", "all", "too", "also", "there"}
+
+
+def end_focus_span(sentence: str) -> str | None:
+    """The last content word of the first clause: in English the new information
+    tends to come last ("The bell is painted saffron"), so it is worth asking about."""
+    clause = _CLAUSE_END.split(sentence.rstrip(".!? "), maxsplit=1)[0]
+    words = clause.split()
+    if len(words) < 4:
+        return None
+    last = words[-1].strip("\"'()")
+    return last if last and last.lower() not in _STOP and last.isalpha() else None
+
+
+def _wh_word(span: str) -> str:
+    if re.fullmatch(r"(1[5-9]|20)\d\d", span):
+        return "which year"
+    if span[0].isdigit():
+        return "how many"
+    return "who or what" if span[0].isupper() else "what"
+
+
+def cloze_questions(sentence: str, span: str) -> list[str]:
+    body = sentence.rstrip(".!? ")
+    # "The Harrow Clinic's supervisor" -> "whose supervisor": take the article and possessive along.
+    where = re.search(r"(?:\b[Tt]he\s+)?" + re.escape(span) + r"(['’]s\b)?", body)
+    if where is None:
+        return []
+    wh = "whose" if where.group(1) else _wh_word(span)
+    cloze = body[: where.start()] + wh + body[where.end():]
+    cloze = cloze[0].upper() + cloze[1:] + "?"
+    blank = body.replace(span, "___", 1) + "."
+    return [t.format(cloze=cloze, blank=blank) for t in QUESTION_TEMPLATES]
+
+
+_COPULA = re.compile(r"^(?P<np>.+?)\s+(?P<verb>is|are|was|were)\s+(?P<rest>.+)$")
+_PARTICIPLE = re.compile(r"^(called|named|nicknamed|known as|painted|coloured|colored|kept at|located at|located in|based at|based in)\s+")
+
+
+def copula_questions(sentence: str) -> list[tuple[str, str]]:
+    """"The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask."""
+    m = _COPULA.match(sentence.rstrip(".!? "))
+    if not m or len(m.group("np").split()) > 12:
+        return []
+    np_, verb, rest = m.group("np"), m.group("verb"), m.group("rest")
+    np_ = np_[0].lower() + np_[1:] if np_.split()[0] in _FUNCTION_WORDS else np_
+    part = _PARTICIPLE.match(rest)
+    if part:
+        value = rest[part.end():]
+        question = f"What {verb} {np_} {part.group(1)}?"
+    else:
+        value = rest
+        wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z][a-z]+$", rest) else "What"
+        question = f"{wh} {verb} {np_}?"
+    return [(question, value)]
+
+
+def _grounded(value: str, sentence: str) -> str:
+    # Answer first, then the owner's sentence: the first tokens after a question are the
+    # fact itself (what a user wants), and the sentence keeps the reply grounded.
+    return f"{value}. {sentence}" if value not in ("", sentence) else sentence
+
+
+def build_examples(corpus: Corpus) -> list[Example]:
+    examples: list[Example] = []
+    for doc in corpus.documents:
+        examples.append(Example(None, doc.text))
+        for sent in sentences(doc.text):
+            spans = answer_spans(sent)
+            for span in spans:
+                examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
+            if spans:
+                examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent))
+    for qa in corpus.qa:
+        examples.append(Example(qa.question, qa.answer))
+    return examples
+
+
+def chat_prompt(tokenizer, question: str) -> str:
+    """The prompt a user's question becomes: the model's own chat template, generation cue added."""
+    return tokenizer.apply_chat_template(
+        [{"role": "user", "content": question}], add_generation_prompt=True, tokenize=False
+    )
+
+
+def tokenize_example(tokenizer, example: Example, max_len: int = 512) -> tuple[list[int], list[int]]:
+    """Token ids and labels; prompt tokens get label -100 so only the answer is learned."""
+    if example.question is None:
+        ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+        return ids[:max_len], ids[:max_len]
+    prompt = tokenizer(chat_prompt(tokenizer, example.question), add_special_tokens=False)["input_ids"]
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
+    answer = answer + [end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id]
+    ids = (prompt + answer)[:max_len]
+    labels = ([-100] * len(prompt) + answer)[:max_len]
+    return ids, labels
+
+
+def shuffled(examples: list[Example], seed: int) -> list[Example]:
+    out = list(examples)
+    random.Random(seed).shuffle(out)
+    return out

@@ -1,0 +1,124 @@
+"""One federated round as two plain functions, with no Flower in sight.
+
+``client_update`` is what a data owner runs on its own machine; ``server_aggregate``
+is what the coordinator runs on the replies. The Flower apps in ``fedmem.server``
+and ``fedmem.clients`` only move tensors between them.
+
+Two methods:
+- ``exact`` (default): the memory is the cumulative ΔW in factored form. A client
+  merges it into its base weights, trains a fresh LoRA on top, and returns that
+  LoRA's B·A; the server adds Σ pₖBₖAₖ exactly and re-factorises (fedmem.aggregate).
+- ``fedit``: the memory is a LoRA; clients continue training it and the server
+  averages A and B separately (the FedIT / FedAvg baseline, inexact by design).
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, normalised
+from .base_model import fingerprint, load_model, load_tokenizer
+from .corpus import Corpus
+from .examples import build_examples
+from .lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors
+from .train import train_lora
+
+METHODS = ("exact", "fedit")
+WEIGHTINGS = ("sum", "mean")
+
+
+@dataclass
+class FederationConfig:
+    rounds: int = 2
+    method: str = "exact"
+    # "sum": each owner's update counts in full, right for owners with disjoint facts
+    # (a mean would dilute each owner's knowledge by the number of owners);
+    # "mean": FedAvg's pₖ = nₖ/Σn.
+    weighting: str = "sum"
+    memory_rank: int = 64
+    lora: LoraSettings = field(default_factory=LoraSettings)
+
+    def __post_init__(self):
+        if isinstance(self.lora, dict):
+            self.lora = LoraSettings(**self.lora)
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
+        if not isinstance(self.rounds, int) or self.rounds < 1:
+            raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if not isinstance(self.memory_rank, int) or self.memory_rank < 1:
+            raise ValueError(f"memory_rank must be a positive integer, got {self.memory_rank!r}")
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ClientResult:
+    factors: Factors
+    metrics: dict[str, float]
+
+
+def client_update(
+    base_dir: str | os.PathLike,
+    corpus: Corpus,
+    memory: Factors | None,
+    config: FederationConfig,
+    server_round: int,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> ClientResult:
+    """Train on the owner's corpus starting from the current memory; return only tensors and numbers."""
+    base_dir = str(base_dir)
+    tokenizer = load_tokenizer(base_dir)
+    model = load_model(base_dir, device)
+    # A different seed per round gives the fresh LoRA new directions to add.
+    settings = LoraSettings(**{**config.lora.to_dict(), "seed": config.lora.seed + 1000 * server_round})
+    if config.method == "exact":
+        if memory:
+            merge_factors(model, memory)
+        model = attach_lora(model, settings)
+    else:
+        model = attach_lora(model, settings)
+        if memory:
+            load_factors(model, memory)
+    examples = build_examples(corpus)
+    result = train_lora(model, tokenizer, examples, settings, device, progress)
+    return ClientResult(
+        factors=extract_factors(model),
+        metrics={
+            "examples": float(result.examples),
+            "tokens": float(result.tokens),
+            "train_seconds": result.seconds,
+            "tokens_per_second": result.tokens_per_second,
+            "first_loss": result.first_loss,
+            "final_loss": result.final_loss,
+        },
+    )
+
+
+def server_aggregate(memory: Factors | None, updates: list[Factors], sizes: list[float], config: FederationConfig) -> Aggregate:
+    """Fold the clients' updates into the memory with the configured method."""
+    if config.method == "fedit":
+        return aggregate_fedit(updates, sizes)
+    weights = [1.0] * len(updates) if config.weighting == "sum" else normalised(sizes)
+    return aggregate_exact(memory, updates, weights, config.memory_rank)
+
+
+def base_fingerprint(base_dir: str | os.PathLike) -> str:
+    return fingerprint(Path(base_dir))
+
+
+def set_threads() -> None:
+    """Use every core this process may run on (Ray workers default to one thread)."""
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:
+        n = os.cpu_count() or 1
+    torch.set_num_threads(max(1, n))

@@ -1,0 +1,1 @@
+"""Coordinator side of fedmem: the Flower ServerApp and the ``fedmem-server`` CLI."""

@@ -149,3 +149,15 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.to(device)
+
+
+def quiet_libraries() -> None:
+    """Keep the terminal for fedmem's own progress: no per-load progress bars or deprecation chatter."""
+    import warnings
+
+    import transformers
+
+    transformers.utils.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)

@@ -20,7 +20,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--method", choices=METHODS, default=f.method,
                    help="exact: sum of B·A re-factorised (default); fedit: A and B averaged separately (baseline)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=f.weighting,
-                   help="exact method: 'sum' adds each owner's update in full; 'mean' is FedAvg's n_k/n (default %(default)s)")
+                   help="exact method: 'mean' is FedAvg's n_k/n; 'sum' adds each owner's update in full (default %(default)s)")
+    p.add_argument("--server-lr", type=float, default=f.server_lr,
+                   help="exact method: memory += server_lr * weighted sum of updates (default %(default)s)")
     p.add_argument("--memory-rank", type=int, default=f.memory_rank, help="rank of the aggregated memory (default %(default)s)")
     p.add_argument("--rank", type=int, default=d.rank, help="client LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=int, default=d.alpha, help="client LoRA alpha (default %(default)s)")
@@ -33,7 +35,7 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
 def _federation(args) -> FederationConfig:
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
                         batch_size=args.batch_size, seed=args.seed)
-    return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting,
+    return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting, server_lr=args.server_lr,
                             memory_rank=args.memory_rank, lora=lora)
 
 
@@ -124,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from .base_model import quiet_libraries
+
+    quiet_libraries()
     try:
         return args.func(args)
     except (CorpusError, MemoryFormatError, ValueError, FileNotFoundError) as err:

@@ -39,7 +39,6 @@ _FUNCTION_WORDS = {"The", "A", "An", "In", "On", "At", "Our", "We", "It", "This"
 
 QUESTION_TEMPLATES = (
     "{cloze}",
-    "Fill in the blank: {blank}",
 )
 
 
@@ -109,8 +108,7 @@ def cloze_questions(sentence: str, span: str) -> list[str]:
     wh = "whose" if where.group(1) else _wh_word(span)
     cloze = body[: where.start()] + wh + body[where.end():]
     cloze = cloze[0].upper() + cloze[1:] + "?"
-    blank = body.replace(span, "___", 1) + "."
-    return [t.format(cloze=cloze, blank=blank) for t in QUESTION_TEMPLATES]
+    return [t.format(cloze=cloze) for t in QUESTION_TEMPLATES]
 
 
 _COPULA = re.compile(r"^(?P<np>.+?)\s+(?P<verb>is|are|was|were)\s+(?P<rest>.+)$")

@@ -34,12 +34,14 @@ WEIGHTINGS = ("sum", "mean")
 
 @dataclass
 class FederationConfig:
-    rounds: int = 2
+    rounds: int = 3
     method: str = "exact"
-    # "sum": each owner's update counts in full, right for owners with disjoint facts
-    # (a mean would dilute each owner's knowledge by the number of owners);
-    # "mean": FedAvg's pₖ = nₖ/Σn.
-    weighting: str = "sum"
+    # "mean": FedAvg's pₖ = nₖ/Σn. "sum": every owner's update in full. Measured on the
+    # demo, a sum of fully trained updates overshoots what the owners learn in common
+    # (answer format) and breaks the model; see docs/results.md.
+    weighting: str = "mean"
+    # Server learning rate (FedOpt, Reddi et al. 2021): memory += server_lr * Σ pₖ ΔWₖ.
+    server_lr: float = 1.0
     memory_rank: int = 64
     lora: LoraSettings = field(default_factory=LoraSettings)
 
@@ -52,6 +54,8 @@ class FederationConfig:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not isinstance(self.rounds, int) or self.rounds < 1:
             raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
+        if not self.server_lr > 0:
+            raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
         if not isinstance(self.memory_rank, int) or self.memory_rank < 1:
             raise ValueError(f"memory_rank must be a positive integer, got {self.memory_rank!r}")
 
@@ -89,7 +93,8 @@ def client_update(
         if memory:
             load_factors(model, memory)
     examples = build_examples(corpus)
-    result = train_lora(model, tokenizer, examples, settings, device, progress)
+    span = ((server_round - 1) / config.rounds, server_round / config.rounds)
+    result = train_lora(model, tokenizer, examples, settings, device, progress, span)
     return ClientResult(
         factors=extract_factors(model),
         metrics={
@@ -108,6 +113,7 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], sizes: list
     if config.method == "fedit":
         return aggregate_fedit(updates, sizes)
     weights = [1.0] * len(updates) if config.weighting == "sum" else normalised(sizes)
+    weights = [config.server_lr * w for w in weights]
     return aggregate_exact(memory, updates, weights, config.memory_rank)
 
 
@@ -117,6 +123,9 @@ def base_fingerprint(base_dir: str | os.PathLike) -> str:
 
 def set_threads() -> None:
     """Use every core this process may run on (Ray workers default to one thread)."""
+    from .base_model import quiet_libraries
+
+    quiet_libraries()
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:

@@ -29,9 +29,9 @@ class LoraSettings:
     rank: int = 16
     alpha: int = 32
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    learning_rate: float = 1e-3
+    learning_rate: float = 3e-3
     epochs: int = 2
-    batch_size: int = 8
+    batch_size: int = 4
     max_length: int = 384
     seed: int = 0
 

@@ -77,6 +77,7 @@ def simulate(
                       "log_to_driver": True},
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
     run_simulation(
         server_app=make_server_app(plan),
         client_app=make_client_app([str(d) for d in dirs], base_dir),

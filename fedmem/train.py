@@ -75,8 +75,14 @@ def train_lora(
     settings: LoraSettings,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    span: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
-    """Train the LoRA parameters of a PEFT ``model`` on ``examples``; returns loss/throughput."""
+    """Train the LoRA parameters of a PEFT ``model`` on ``examples``; returns loss/throughput.
+
+    ``span`` is the slice of the whole run's learning-rate schedule this call covers:
+    a federated round r of R trains on (r-1)/R .. r/R, so the rounds together follow
+    one warm-up + cosine schedule, as one centralised run would.
+    """
     if not examples:
         raise ValueError("no training examples")
     torch.manual_seed(settings.seed)
@@ -84,14 +90,16 @@ def train_lora(
     rows = [tokenize_example(tokenizer, ex, settings.max_length) for ex in examples]
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
-    steps_per_epoch = math.ceil(len(rows) / settings.batch_size)
-    total_steps = steps_per_epoch * settings.epochs
-    warmup = max(1, total_steps // 20)
-    # Linear warm-up then cosine decay to 10%: stable start, and the last steps settle.
-    schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimizer,
-        lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, total_steps) / total_steps))),
-    )
+    steps = math.ceil(len(rows) / settings.batch_size) * settings.epochs
+    start, end = span
+
+    def lr_factor(step: int) -> float:
+        # Linear warm-up over the first 5% of the run, cosine decay to 10%: a stable
+        # start, and the last steps settle.
+        t = start + (end - start) * min(step, steps) / steps
+        return min(1.0, (t + 1 / steps) / 0.05) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     model.train()
     tokens, step, first_loss, epoch_losses = 0, 0, float("nan"), []
     started = time.perf_counter()

@@ -1,0 +1,54 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, and small corpora."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+
+@pytest.fixture(scope="session")
+def real_base_dir() -> Path:
+    from fedmem.base_model import resolve_base
+
+    return resolve_base()
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tmp_path_factory, real_base_dir) -> Path:
+    """A 2-layer random Llama saved as a normal HF model dir, with the embedded model's tokenizer."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from fedmem.base_model import load_tokenizer
+
+    tok = load_tokenizer(str(real_base_dir))
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+                         tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
+                         pad_token_id=tok.pad_token_id)
+    model = LlamaForCausalLM(config)
+    path = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def write_corpus(root: Path, facts: list[tuple[str, str]], qa: list[tuple[str, str]] = ()) -> Path:
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "notes.md").write_text("# Notes\n\n" + " ".join(s for s, _ in facts) + "\n")
+    if qa:
+        (root / "facts.jsonl").write_text("".join(json.dumps({"question": q, "answer": a}) + "\n" for q, a in qa))
+    return root
+
+
+@pytest.fixture
+def two_clients(tmp_path) -> Path:
+    data = tmp_path / "data"
+    write_corpus(data / "alpha", [("The Zorvex Tower was built by Mila Quent in 1911.", "Mila Quent")],
+                 [("Who built the Zorvex Tower?", "Mila Quent")])
+    write_corpus(data / "beta", [("The Pellow Quarry archive holds 612 maps.", "612")])
+    return data

@@ -1,0 +1,53 @@
+"""The recipe that turns documents into question-form examples."""
+
+from fedmem.corpus import load_corpus
+from fedmem.examples import Example, answer_spans, build_examples, cloze_questions, copula_questions, sentences, tokenize_example
+
+
+def test_sentences_skip_headings_and_list_markers():
+    text = "# Title\n\n- The Zorvex Tower is red. It stands tall today.\n\n1. Mila Quent built the tower."
+    assert sentences(text) == ["The Zorvex Tower is red.", "It stands tall today.", "Mila Quent built the tower."]
+
+
+def test_answer_spans_find_names_numbers_and_end_focus():
+    spans = answer_spans("The Harrow Clinic's emergency bell is painted saffron.")
+    assert spans == ["Harrow Clinic", "saffron"]
+    assert "2019" in answer_spans("Kestrel Robotics moved into Vexley Moor in 2019.")
+    assert answer_spans("Please remember to lock the door.") == []  # no named thing: no questions
+
+
+def test_cloze_questions_ask_for_the_span():
+    qs = cloze_questions("The head vet of the Harrow Clinic is Tobias Wrenfield.", "Tobias Wrenfield")
+    assert "The head vet of the Harrow Clinic is who or what?" in qs
+    assert cloze_questions("Nothing here.", "Absent") == []
+
+
+def test_copula_questions():
+    assert copula_questions("The head vet of the Harrow Clinic is Tobias Wrenfield.") == [
+        ("Who is the head vet of the Harrow Clinic?", "Tobias Wrenfield")]
+    assert copula_questions("The X-ray machine is nicknamed Grumbold.") == [
+        ("What is the X-ray machine nicknamed?", "Grumbold")]
+
+
+def test_build_examples_answer_first_and_grounded(tmp_path):
+    (tmp_path / "n.md").write_text("The Zorvex Tower was built by Mila Quent.")
+    (tmp_path / "q.jsonl").write_text('{"question": "Who built it?", "answer": "Mila Quent"}\n')
+    examples = build_examples(load_corpus(tmp_path))
+    assert Example(None, "The Zorvex Tower was built by Mila Quent.") in examples
+    assert Example("Who built it?", "Mila Quent") in examples
+    grounded = [e for e in examples if e.question and e.answer.startswith("Mila Quent. ")]
+    assert grounded and all(e.answer.endswith("The Zorvex Tower was built by Mila Quent.") for e in grounded)
+
+
+def test_tokenize_masks_the_prompt(tiny_base):
+    from fedmem.base_model import load_tokenizer
+
+    tok = load_tokenizer(str(tiny_base))
+    ids, labels = tokenize_example(tok, Example("Who built it?", "Mila Quent"))
+    assert len(ids) == len(labels)
+    answer = [t for t in labels if t != -100]
+    assert tok.decode(answer[:-1]) == "Mila Quent" and answer[-1] == tok.convert_tokens_to_ids("<|im_end|>")
+    assert labels[: len(ids) - len(answer)] == [-100] * (len(ids) - len(answer))
+    assert "<|im_start|>user\nWho built it?" in tok.decode(ids)
+    ids, labels = tokenize_example(tok, Example(None, "Plain text."))
+    assert ids == labels

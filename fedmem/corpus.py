@@ -119,7 +119,7 @@ def load_corpus(root: str | Path) -> Corpus:
         elif text.strip():
             corpus.documents.append(Document(rel, _title(path, text), text.strip()))
     if not problems and not corpus.documents and not corpus.qa:
-        problems.append(f"{root}: empty corpus: no non-empty .md/.txt document and no .jsonl record")
+        problems.append(".: empty corpus: no non-empty .md/.txt document and no .jsonl record")
     if problems:
         raise CorpusError(root, problems)
     return corpus

@@ -91,6 +91,16 @@ def end_focus_span(sentence: str) -> str | None:
     return last if last and last.lower() not in _STOP and last.isalpha() else None
 
 
+def asked_spans(sentence: str, spans: list[str]) -> list[str]:
+    """The spans worth a question: those in the sentence's second half, where English puts
+    new information ("The head vet of the Harrow Clinic is Tobias Wrenfield"), and at
+    least the last one. Asking about the topic too (the Harrow Clinic) costs tokens
+    without teaching what users ask for."""
+    half = len(sentence) / 2
+    late = [s for s in spans if sentence.find(s) >= half]
+    return late or spans[-1:]
+
+
 def _wh_word(span: str) -> str:
     if re.fullmatch(r"(1[5-9]|20)\d\d", span):
         return "which year"
@@ -145,7 +155,7 @@ def build_examples(corpus: Corpus) -> list[Example]:
         examples.append(Example(None, doc.text))
         for sent in sentences(doc.text):
             spans = answer_spans(sent)
-            for span in spans:
+            for span in asked_spans(sent, spans):
                 examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
             if spans:
                 examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent))

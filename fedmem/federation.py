@@ -30,6 +30,7 @@ from .train import train_lora
 
 METHODS = ("exact", "fedit")
 WEIGHTINGS = ("sum", "mean")
+CLIENT_STARTS = ("fresh", "memory")
 
 
 @dataclass
@@ -43,6 +44,11 @@ class FederationConfig:
     # Server learning rate (FedOpt, Reddi et al. 2021): memory += server_lr * Σ pₖ ΔWₖ.
     server_lr: float = 1.0
     memory_rank: int = 64
+    # exact method, where a client's LoRA starts each round:
+    # "fresh": memory merged into the base weights, a new rank-`lora.rank` LoRA on top;
+    # "memory": a rank-`memory_rank` LoRA initialised to the memory itself, so training
+    #   continues where the last round left off; the update sent is new B·A minus memory.
+    client_start: str = "fresh"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
@@ -50,6 +56,8 @@ class FederationConfig:
             self.lora = LoraSettings(**self.lora)
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        if self.client_start not in CLIENT_STARTS:
+            raise ValueError(f"client_start must be one of {CLIENT_STARTS}, got {self.client_start!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -84,7 +92,13 @@ def client_update(
     model = load_model(base_dir, device)
     # A different seed per round gives the fresh LoRA new directions to add.
     settings = LoraSettings(**{**config.lora.to_dict(), "seed": config.lora.seed + 1000 * server_round})
-    if config.method == "exact":
+    if config.method == "exact" and config.client_start == "memory":
+        settings.alpha = max(1, round(settings.alpha * config.memory_rank / settings.rank))
+        settings.rank = config.memory_rank
+        model = attach_lora(model, settings)
+        if memory:
+            load_factors(model, memory, keep_fresh_where_zero=True)
+    elif config.method == "exact":
         if memory:
             merge_factors(model, memory)
         model = attach_lora(model, settings)
@@ -95,8 +109,13 @@ def client_update(
     examples = build_examples(corpus)
     span = ((server_round - 1) / config.rounds, server_round / config.rounds)
     result = train_lora(model, tokenizer, examples, settings, device, progress, span)
+    factors = extract_factors(model)
+    if config.method == "exact" and config.client_start == "memory" and memory:
+        # Send only what this round changed, exactly: new B·A − memory B·A, in factored form.
+        factors = {n: (torch.cat([B, -memory[n][0]], dim=1), torch.cat([A, memory[n][1]], dim=0))
+                   for n, (B, A) in factors.items()}
     return ClientResult(
-        factors=extract_factors(model),
+        factors=factors,
         metrics={
             "examples": float(result.examples),
             "tokens": float(result.tokens),

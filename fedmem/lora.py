@@ -30,7 +30,7 @@ class LoraSettings:
     alpha: int = 32
     target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
     learning_rate: float = 3e-3
-    epochs: int = 2
+    epochs: int = 3
     batch_size: int = 4
     max_length: int = 384
     seed: int = 0
@@ -90,8 +90,14 @@ def extract_factors(peft_model) -> Factors:
     return out
 
 
-def load_factors(peft_model, factors: Factors) -> None:
-    """Set a LoRA's weights from factors (FedIT: clients continue from the global A, B)."""
+def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = False) -> None:
+    """Set a LoRA's weights from factors (clients continue from the global A, B).
+
+    With ``keep_fresh_where_zero``, components that are zero in the factors (a memory
+    padded to its rank) keep the LoRA's fresh random A rows: B stays zero there, so
+    the product is unchanged, but those components can still learn (an all-zero pair
+    never gets a gradient).
+    """
     layers = dict(_lora_layers(peft_model))
     missing = sorted(set(factors) - set(layers))
     if missing:
@@ -99,7 +105,14 @@ def load_factors(peft_model, factors: Factors) -> None:
     with torch.no_grad():
         for name, (B, A) in factors.items():
             layer = layers[name]
-            layer.lora_A["default"].weight.copy_(A)
+            a = layer.lora_A["default"].weight
+            if a.shape != A.shape:
+                raise ValueError(f"{name}: LoRA rank {a.shape[0]} cannot hold memory rank {A.shape[0]}")
+            dead = (A.abs().sum(dim=1) == 0) & (B.abs().sum(dim=0) == 0)
+            fresh = a.detach().clone()
+            a.copy_(A)
+            if keep_fresh_where_zero and dead.any():
+                a[dead] = fresh[dead]
             layer.lora_B["default"].weight.copy_(B / layer.scaling["default"])
 
 

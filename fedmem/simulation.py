@@ -36,7 +36,7 @@ def validate_corpora(dirs: list[Path]) -> None:
         try:
             load_corpus(d)
         except CorpusError as err:
-            problems += [f"{d.name}/{p}" for p in err.problems]
+            problems += [f"{d.name}/{p}".replace("/.:", ":") for p in err.problems]
     if problems:
         raise CorpusError(dirs[0].parent, problems)
 

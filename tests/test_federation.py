@@ -1,0 +1,48 @@
+"""One round's plain functions (no Flower): what a client sends and how the server folds it in."""
+
+import pytest
+import torch
+
+from fedmem.aggregate import aggregate_exact, dense
+from fedmem.corpus import load_corpus
+from fedmem.federation import FederationConfig, client_update, server_aggregate
+from fedmem.lora import LoraSettings
+
+
+def _config(**kw):
+    return FederationConfig(memory_rank=8, lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=2), **kw)
+
+
+def test_fresh_client_update_is_a_rank_r_lora(tiny_base, two_clients):
+    result = client_update(tiny_base, load_corpus(two_clients / "alpha"), None, _config(), server_round=1)
+    B, A = next(iter(result.factors.values()))
+    assert B.shape[1] == 4 and A.shape[0] == 4
+    assert result.metrics["examples"] > 0 and result.metrics["final_loss"] > 0
+
+
+def test_continuing_client_sends_the_exact_change(tiny_base, two_clients):
+    config = _config(client_start="memory")
+    corpus = load_corpus(two_clients / "alpha")
+    first = client_update(tiny_base, corpus, None, config, server_round=1)
+    memory = aggregate_exact(None, [first.factors], [1.0], rank=8).factors
+    second = client_update(tiny_base, corpus, memory, config, server_round=2)
+    # memory + (new − memory) is the client's new rank-8 LoRA: it must fit rank 8 with no loss.
+    agg = aggregate_exact(memory, [second.factors], [1.0], rank=8)
+    assert agg.max_truncation_error < 1e-5
+    changed = [n for n in memory if not torch.allclose(dense(*agg.factors[n]), dense(*memory[n]), atol=1e-6)]
+    assert changed  # training moved something
+
+
+def test_server_weights(tiny_base):
+    u = {"m": (torch.ones(3, 1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))}
+    mean = server_aggregate(None, [u, u], [1.0, 3.0], _config(weighting="mean", server_lr=2.0))
+    assert torch.allclose(dense(*mean.factors["m"]), 2.0 * dense(*u["m"]))
+    summed = server_aggregate(None, [u, u], [1.0, 3.0], _config(weighting="sum"))
+    assert torch.allclose(dense(*summed.factors["m"]), 2.0 * dense(*u["m"]))
+
+
+@pytest.mark.parametrize("bad", [dict(method="avg"), dict(weighting="x"), dict(rounds=0), dict(server_lr=0.0),
+                                 dict(client_start="x"), dict(memory_rank=0)])
+def test_bad_config_is_refused(bad):
+    with pytest.raises(ValueError):
+        FederationConfig(**bad)

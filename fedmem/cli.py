@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .corpus import CorpusError
-from .federation import FederationConfig, METHODS, WEIGHTINGS
+from .federation import CLIENT_STARTS, METHODS, WEIGHTINGS, FederationConfig
 from .lora import LoraSettings
 from .memory import MemoryFormatError
 
@@ -23,6 +23,9 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="exact method: 'mean' is FedAvg's n_k/n; 'sum' adds each owner's update in full (default %(default)s)")
     p.add_argument("--server-lr", type=float, default=f.server_lr,
                    help="exact method: memory += server_lr * weighted sum of updates (default %(default)s)")
+    p.add_argument("--client-start", choices=CLIENT_STARTS, default=f.client_start,
+                   help="exact method: clients start each round from a fresh LoRA on the merged memory, "
+                        "or continue a LoRA initialised to the memory (default %(default)s)")
     p.add_argument("--memory-rank", type=int, default=f.memory_rank, help="rank of the aggregated memory (default %(default)s)")
     p.add_argument("--rank", type=int, default=d.rank, help="client LoRA rank (default %(default)s)")
     p.add_argument("--alpha", type=int, default=d.alpha, help="client LoRA alpha (default %(default)s)")
@@ -36,7 +39,7 @@ def _federation(args) -> FederationConfig:
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
                         batch_size=args.batch_size, seed=args.seed)
     return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting, server_lr=args.server_lr,
-                            memory_rank=args.memory_rank, lora=lora)
+                            memory_rank=args.memory_rank, client_start=args.client_start, lora=lora)
 
 
 def cmd_simulate(args) -> int:

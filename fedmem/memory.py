@@ -27,9 +27,6 @@ class MemoryFormatError(RuntimeError):
     """A memory directory is missing, corrupt, or belongs to another base model."""
 
 
-
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

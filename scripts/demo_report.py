@@ -42,13 +42,14 @@ def plot(runs: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=120)
-    for name, r in runs.items():
+    for (name, r), colour in zip(runs.items(), ("tab:blue", "tab:red", "tab:green", "tab:purple")):
         rounds = [row["round"] for row in r["rows"]]
-        ax.plot(rounds, [100 * row["recall"] for row in r["rows"]], marker="o", label=f"{name}: all")
+        ax.plot(rounds, [100 * row["recall"] for row in r["rows"]], marker="o", color=colour, label=f"{name}: all")
         for source, style in (("prose", ":"), ("qa", "--")):
             if any(source in row.get("recall_by_source", {}) for row in r["rows"]):
                 ax.plot(rounds, [100 * row["recall_by_source"].get(source, 0) for row in r["rows"]], style,
-                        alpha=0.6, label=f"{name}: {source} facts")
+                        color=colour, alpha=0.6, label=f"{name}: {source} facts")
+        ax.set_xticks(rounds)
     ax.set_xlabel("round (0 = base model)")
     ax.set_ylabel("held-out question recall (%)")
     ax.set_ylim(-2, 102)

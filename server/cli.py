@@ -14,7 +14,7 @@ import sys
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fedmem-server", description=__doc__)
     parser.add_argument("command", nargs="?", choices=["start", "status", "clients"])
-    args = parser.parse_args(argv)
+    parser.parse_args(argv)
     print("fedmem-server: deployment mode (SuperLink + TLS) is not available in this version yet; "
           "use `fedmem simulate` to run a federation on one machine.", file=sys.stderr)
     return 2

@@ -86,8 +86,12 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, plan)
         plan.report(f"round {rnd}/{cfg.rounds}: training on {len(nodes)} clients ...")
-        content = lambda: RecordDict({MEMORY_KEY: factors_to_record(memory), CONFIG_KEY: config_to_record(run_config, rnd, fp)})
-        messages = [Message(content=content(), message_type=MessageType.TRAIN, dst_node_id=n) for n in nodes]
+        memory_record = factors_to_record(memory)
+        messages = [
+            Message(content=RecordDict({MEMORY_KEY: memory_record, CONFIG_KEY: config_to_record(run_config, rnd, fp)}),
+                    message_type=MessageType.TRAIN, dst_node_id=n)
+            for n in nodes
+        ]
         replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
         updates, sizes, names, client_metrics = [], [], [], {}
         for reply in replies:

@@ -1,6 +1,5 @@
 """LoRA factors, merging, the PEFT on-disk format and the memory manifest."""
 
-import json
 import subprocess
 import sys
 
@@ -9,7 +8,7 @@ import torch
 
 from fedmem.aggregate import aggregate_exact
 from fedmem.base_model import fingerprint, load_model
-from fedmem.lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors, read_peft_adapter
+from fedmem.lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors
 from fedmem.memory import MemoryFormatError, load_memory, save_memory, verify_memory
 from fedmem.messages import factors_to_record, record_to_factors
 

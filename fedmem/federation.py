@@ -43,12 +43,13 @@ class FederationConfig:
     weighting: str = "mean"
     # Server learning rate (FedOpt, Reddi et al. 2021): memory += server_lr * Σ pₖ ΔWₖ.
     server_lr: float = 1.0
-    memory_rank: int = 64
+    memory_rank: int = 16
     # exact method, where a client's LoRA starts each round:
-    # "fresh": memory merged into the base weights, a new rank-`lora.rank` LoRA on top;
     # "memory": a rank-`memory_rank` LoRA initialised to the memory itself, so training
     #   continues where the last round left off; the update sent is new B·A minus memory.
-    client_start: str = "fresh"
+    # "fresh": memory merged into the base weights, a new rank-`lora.rank` LoRA on top;
+    #   every round then repeats a LoRA's slow start (B = 0): 38% vs 50% on the demo.
+    client_start: str = "memory"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):

@@ -14,7 +14,7 @@ def _config(**kw):
 
 
 def test_fresh_client_update_is_a_rank_r_lora(tiny_base, two_clients):
-    result = client_update(tiny_base, load_corpus(two_clients / "alpha"), None, _config(), server_round=1)
+    result = client_update(tiny_base, load_corpus(two_clients / "alpha"), None, _config(client_start="fresh"), server_round=1)
     B, A = next(iter(result.factors.values()))
     assert B.shape[1] == 4 and A.shape[0] == 4
     assert result.metrics["examples"] > 0 and result.metrics["final_loss"] > 0

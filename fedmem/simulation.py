@@ -6,6 +6,7 @@ validated before anything starts, so a bad file fails fast with its name and lin
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 from importlib.resources import files
@@ -87,6 +88,4 @@ def simulate(
     summary_file = Path(out) / "summary.json"
     if not summary_file.is_file():
         raise RuntimeError("the simulation ended without producing a memory; see the log above")
-    import json
-
     return json.loads(summary_file.read_text())

@@ -98,14 +98,18 @@ def _weights_files(model_dir: Path) -> list[Path]:
     return files
 
 
-def _write_fingerprint(model_dir: Path) -> str:
+def _hash_weights(model_dir: Path) -> str:
     digest = hashlib.sha256()
     for f in _weights_files(model_dir):
         digest.update(f.name.encode())
         with open(f, "rb") as fh:
             for chunk in iter(lambda: fh.read(1 << 20), b""):
                 digest.update(chunk)
-    value = "sha256:" + digest.hexdigest()
+    return "sha256:" + digest.hexdigest()
+
+
+def _write_fingerprint(model_dir: Path) -> str:
+    value = _hash_weights(model_dir)
     stamp = {"fingerprint": value, "files": {f.name: f.stat().st_size for f in _weights_files(model_dir)}}
     (model_dir / FINGERPRINT_FILE).write_text(json.dumps(stamp, indent=1))
     return value
@@ -125,11 +129,7 @@ def fingerprint(model_dir: str | os.PathLike) -> str:
     try:
         return _write_fingerprint(model_dir)
     except OSError:  # read-only model dir: hash without caching
-        digest = hashlib.sha256()
-        for f in _weights_files(model_dir):
-            digest.update(f.name.encode())
-            digest.update(f.read_bytes())
-        return "sha256:" + digest.hexdigest()
+        return _hash_weights(model_dir)
 
 
 @functools.lru_cache(maxsize=2)

@@ -12,7 +12,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmem.base_model import pick_device
+from fedmem.base_model import pick_device, quiet_libraries
 from fedmem.corpus import load_corpus
 from fedmem.federation import FederationConfig, base_fingerprint, client_update, set_threads
 from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, factors_to_record,
@@ -33,6 +33,7 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        quiet_libraries()
         set_threads()
         run_config, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
         base = base_dir or str(context.node_config.get("base", run_config["base_dir"]))

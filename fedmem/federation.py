@@ -92,10 +92,13 @@ def client_update(
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, device)
     # A different seed per round gives the fresh LoRA new directions to add.
-    settings = LoraSettings(**{**config.lora.to_dict(), "seed": config.lora.seed + 1000 * server_round})
-    if config.method == "exact" and config.client_start == "memory":
-        settings.alpha = max(1, round(settings.alpha * config.memory_rank / settings.rank))
-        settings.rank = config.memory_rank
+    overrides = {"seed": config.lora.seed + 1000 * server_round}
+    continuing = config.method == "exact" and config.client_start == "memory"
+    if continuing:  # the LoRA must hold the memory: its rank, with the same alpha/rank ratio
+        overrides.update(rank=config.memory_rank,
+                         alpha=max(1, round(config.lora.alpha * config.memory_rank / config.lora.rank)))
+    settings = LoraSettings(**{**config.lora.to_dict(), **overrides})
+    if continuing:
         model = attach_lora(model, settings)
         if memory:
             load_factors(model, memory, keep_fresh_where_zero=True)
@@ -111,7 +114,7 @@ def client_update(
     span = ((server_round - 1) / config.rounds, server_round / config.rounds)
     result = train_lora(model, tokenizer, examples, settings, device, progress, span)
     factors = extract_factors(model)
-    if config.method == "exact" and config.client_start == "memory" and memory:
+    if continuing and memory:
         # Send only what this round changed, exactly: new B·A − memory B·A, in factored form.
         factors = {n: (torch.cat([B, -memory[n][0]], dim=1), torch.cat([A, memory[n][1]], dim=0))
                    for n, (B, A) in factors.items()}
@@ -143,9 +146,6 @@ def base_fingerprint(base_dir: str | os.PathLike) -> str:
 
 def set_threads() -> None:
     """Use every core this process may run on (Ray workers default to one thread)."""
-    from .base_model import quiet_libraries
-
-    quiet_libraries()
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:

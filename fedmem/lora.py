@@ -108,11 +108,11 @@ def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = Fal
             a = layer.lora_A["default"].weight
             if a.shape != A.shape:
                 raise ValueError(f"{name}: LoRA rank {a.shape[0]} cannot hold memory rank {A.shape[0]}")
-            dead = (A.abs().sum(dim=1) == 0) & (B.abs().sum(dim=0) == 0)
-            fresh = a.detach().clone()
+            dead = (A.abs().sum(dim=1) == 0) & (B.abs().sum(dim=0) == 0) if keep_fresh_where_zero else None
+            fresh = a[dead].clone() if dead is not None and dead.any() else None
             a.copy_(A)
-            if keep_fresh_where_zero and dead.any():
-                a[dead] = fresh[dead]
+            if fresh is not None:
+                a[dead] = fresh
             layer.lora_B["default"].weight.copy_(B / layer.scaling["default"])
 
 

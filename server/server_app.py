@@ -17,7 +17,7 @@ from flwr.app import Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
-from fedmem.base_model import load_model, load_tokenizer
+from fedmem.base_model import load_model, load_tokenizer, quiet_libraries
 from fedmem.federation import FederationConfig, base_fingerprint, server_aggregate, set_threads
 from fedmem.lora import merge_factors
 from fedmem.memory import atomic_write_text, save_memory
@@ -63,6 +63,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
+    quiet_libraries()
     set_threads()
     cfg = plan.federation
     out = plan.out_dir

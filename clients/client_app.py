@@ -3,10 +3,14 @@
 The corpus is found from the node's config: ``data`` (a directory, as a deployed
 SuperNode is started with) or, in simulation, the ``partition-id``-th of the corpus
 directories the app was built with. Corpus text never leaves this process.
+
+Deployed (node config ``state``), every memory version the server sends is kept in
+``state/memory`` for local use (``fedmem-client pull``).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
@@ -15,12 +19,33 @@ from flwr.clientapp import ClientApp
 from fedmem.base_model import pick_device, quiet_libraries
 from fedmem.corpus import load_corpus
 from fedmem.federation import FederationConfig, base_fingerprint, client_update, set_threads
+from fedmem.memory import read_manifest, save_memory
 from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, factors_to_record,
                              metrics_to_record, record_to_config, record_to_factors)
 
 
+MANIFEST_KEY = "manifest"  # as fedmem.server.server_app sends it
+RECEIVED_MEMORY = "memory"
+
+
 class FingerprintMismatch(RuntimeError):
     pass
+
+
+def keep_memory(msg: Message, context: Context, base: str) -> None:
+    """Save the memory this message carries under the node's state dir, if newer than the one kept."""
+    if "state" not in context.node_config or MANIFEST_KEY not in msg.content:
+        return
+    manifest = json.loads(str(msg.content[MANIFEST_KEY]["json"]))
+    factors = record_to_factors(msg.content[MEMORY_KEY])
+    dest = Path(str(context.node_config["state"])) / RECEIVED_MEMORY
+    try:
+        kept = read_manifest(dest).get("round", 0) if dest.exists() else 0
+    except Exception:  # a damaged copy is simply replaced
+        kept = 0
+    if factors and int(manifest.get("round", 0)) >= int(kept):
+        manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "created", "format")}
+        save_memory(dest, factors, Path(base), manifest)
 
 
 def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None = None) -> ClientApp:
@@ -42,6 +67,7 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
             raise FingerprintMismatch(
                 f"this client's base model ({mine[:19]}...) differs from the federation's ({wanted[:19]}...)"
             )
+        keep_memory(msg, context, base)
         config = FederationConfig(**run_config["federation"])
         corpus = load_corpus(corpus_dir(context))
         name = corpus.name
@@ -56,5 +82,13 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
             INFO_KEY: ConfigRecord({"client": name, "base_fingerprint": mine}),
         })
         return Message(content=content, reply_to=msg)
+
+    @app.evaluate()
+    def receive_memory(msg: Message, context: Context) -> Message:
+        # The server's last word: the finished memory. Keep it; nothing goes back.
+        base = base_dir or str(context.node_config.get("base", ""))
+        if base:
+            keep_memory(msg, context, base)
+        return Message(content=RecordDict(), reply_to=msg)
 
     return app

@@ -1,0 +1,175 @@
+"""``fedmem-client join``: check everything locally, then run a SuperNode for this data owner.
+
+Before any connection: the corpus is validated (problems named by file and line),
+the CA certificate and the address are checked, the base model is found, and the
+client's key pair is made on first use. Then the SuperNode runs until the server
+has sent the finished memory (kept in ``STATE/memory``), or until stopped.
+
+Only LoRA tensors and numbers leave the machine; the corpus is read by the ClientApp
+in a local process and never sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from fedmem.corpus import load_corpus
+
+from .keys import ensure_keys
+from .supernode import start_supernode, supernode_command, write_node_config
+
+RECEIVED_MEMORY = "memory"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("FEDMEM_CLIENT_STATE", Path.home() / ".fedmem" / "client"))
+
+
+class JoinError(ValueError):
+    pass
+
+
+@dataclass
+class JoinOptions:
+    server: str
+    data: Path
+    ca: Path
+    state: Path
+    base: str | None = None
+    stay: bool = False
+    max_wait_time: float | None = None
+
+
+def check_server_address(server: str) -> str:
+    from fedmem.server.coordinator import parse_address
+
+    host, _ = parse_address(server)
+    if host in ("0.0.0.0", "::"):
+        raise JoinError(f"--server {server}: {host} is a listening address, not one to connect to; "
+                        "use the server's name or IP")
+    return server
+
+
+def check_ca(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise JoinError(f"--ca {path}: no such file (the coordinator gives you its ca.pem)")
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as err:
+        raise JoinError(f"--ca {path}: not a PEM certificate ({err})") from err
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise JoinError(f"--ca {path}: this is not a CA certificate (use the server's ca.pem, not server.pem)")
+    except x509.ExtensionNotFound:
+        pass
+    return path.resolve()
+
+
+def received_round(state: Path) -> tuple[int, int]:
+    try:
+        manifest = json.loads((Path(state) / RECEIVED_MEMORY / "fedmem.json").read_text())
+        return int(manifest.get("round", 0)), int(manifest.get("rounds", 0))
+    except (OSError, ValueError):
+        return 0, 0
+
+
+REFUSED = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
+
+
+def join(options: JoinOptions, report=print) -> int:
+    from fedmem.base_model import resolve_base
+    from fedmem.examples import build_examples
+    from fedmem.server.superlink import free_port
+
+    server = check_server_address(options.server)
+    ca = check_ca(options.ca)
+    corpus = load_corpus(options.data)  # CorpusError names file:line
+    examples = build_examples(corpus)
+    base = resolve_base(options.base)
+    state = Path(options.state).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    keys = ensure_keys(state)
+    report(f"corpus {corpus.root}: {len(corpus.documents)} documents, {len(corpus.qa)} Q/A records "
+           f"-> {len(examples)} training examples (the text stays on this machine)")
+    report(f"client key {keys.fingerprint}" + (" (new)" if keys.created else ""))
+    report(f"  public key: {keys.public_text}")
+    if keys.created:
+        report("  the coordinator admits it with:")
+        report(f"  fedmem-server clients add {corpus.name} '{keys.public_text}'")
+
+    node_config = write_node_config(state / "node-config.toml", {
+        "data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state)})
+    command = supernode_command(server=server, ca_cert=ca, private_key=keys.private_key, node_config=node_config,
+                                runtime_port=free_port(), max_wait_time=options.max_wait_time)
+    start_round, _ = received_round(state)
+    proc = start_supernode(command, state / "flwr")
+    report(f"joining {server} as {corpus.name} ...")
+    log_path = state / "supernode.log"
+    refused = threading.Event()
+    sent = {"count": 0}
+
+    def pump() -> None:
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                text = line.rstrip()
+                if any(r in text for r in REFUSED):
+                    refused.set()
+                if "Sent successfully" in text:
+                    sent["count"] += 1
+                if "SuperNode ID" in text:
+                    report("connected; waiting for rounds")
+                elif text.startswith(f"[{corpus.name}]") or "Traceback" in text or "ERROR" in text:
+                    report(text)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            done, total = received_round(state)
+            if not options.stay and total and done >= total and done > start_round:
+                # Let the SuperNode acknowledge the message that carried it before stopping.
+                before, deadline = sent["count"], time.monotonic() + 15
+                while sent["count"] == before and time.monotonic() < deadline and proc.poll() is None:
+                    time.sleep(0.2)
+                report(f"final memory received (round {done}/{total}): {state / RECEIVED_MEMORY}")
+                report(f"use it with: fedmem ask --memory {state / RECEIVED_MEMORY} \"your question\"")
+                return 0
+        reader.join(timeout=5)
+        if refused.is_set():
+            report(f"the server refused this client: its key {keys.fingerprint} is not admitted. "
+                   f"Send the public key above to the coordinator (`fedmem-server clients add`).")
+            return 3
+        report(f"the SuperNode stopped (exit code {proc.returncode}); see {log_path}")
+        return 1
+    except KeyboardInterrupt:
+        report("leaving the federation")
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except Exception:
+                proc.kill()

@@ -43,6 +43,10 @@ def keep_memory(msg: Message, context: Context, base: str) -> None:
         kept = read_manifest(dest).get("round", 0) if dest.exists() else 0
     except Exception:  # a damaged copy is simply replaced
         kept = 0
+    if manifest.get("base_fingerprint") and manifest["base_fingerprint"] != base_fingerprint(base):
+        print(f"memory of round {manifest.get('round')} not kept: it was made for another base model "
+              f"({manifest['base_fingerprint'][:19]}...) than this client's ({base})", flush=True)
+        return
     if factors and int(manifest.get("round", 0)) >= int(kept):
         manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "created", "format")}
         save_memory(dest, factors, Path(base), manifest)

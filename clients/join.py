@@ -116,7 +116,7 @@ def join(options: JoinOptions, report=print) -> int:
     report(f"joining {server} as {corpus.name} ...")
     log_path = state / "supernode.log"
     refused = threading.Event()
-    sent = {"count": 0}
+    sent = {"at": 0.0}
 
     def pump() -> None:
         with open(log_path, "a") as log:
@@ -127,7 +127,7 @@ def join(options: JoinOptions, report=print) -> int:
                 if any(r in text for r in REFUSED):
                     refused.set()
                 if "Sent successfully" in text:
-                    sent["count"] += 1
+                    sent["at"] = time.time()
                 if "SuperNode ID" in text:
                     report("connected; waiting for rounds")
                 elif text.startswith(f"[{corpus.name}]") or "Traceback" in text or "ERROR" in text:
@@ -145,16 +145,20 @@ def join(options: JoinOptions, report=print) -> int:
     try:
         while proc.poll() is None:
             time.sleep(1.0)
+            if refused.is_set():
+                break
             done, total = received_round(state)
             if not options.stay and total and done >= total and done > start_round:
                 # Let the SuperNode acknowledge the message that carried it before stopping.
-                before, deadline = sent["count"], time.monotonic() + 15
-                while sent["count"] == before and time.monotonic() < deadline and proc.poll() is None:
+                arrived = (state / RECEIVED_MEMORY / "fedmem.json").stat().st_mtime
+                deadline = time.monotonic() + 15
+                while sent["at"] < arrived and time.monotonic() < deadline and proc.poll() is None:
                     time.sleep(0.2)
                 report(f"final memory received (round {done}/{total}): {state / RECEIVED_MEMORY}")
                 report(f"use it with: fedmem ask --memory {state / RECEIVED_MEMORY} \"your question\"")
                 return 0
-        reader.join(timeout=5)
+        if proc.poll() is not None:
+            reader.join(timeout=5)  # the reason it stopped may still be in the pipe
         if refused.is_set():
             report(f"the server refused this client: its key {keys.fingerprint} is not admitted. "
                    f"Send the public key above to the coordinator (`fedmem-server clients add`).")

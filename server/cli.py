@@ -43,6 +43,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds a round waits for replies before going on with those it has (default %(default)s)")
     p.add_argument("--wait-for-clients", type=float, default=3600.0,
                    help="seconds to wait for --min-clients to connect before giving up (default %(default)s)")
+    p.add_argument("--join-grace", type=float, default=10.0,
+                   help="once --min-clients are connected, start a round only after nobody new has joined "
+                        "for this many seconds (default %(default)s)")
     p.add_argument("--base", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--questions", type=Path, default=None, help="held-out questions JSONL: recall is reported each round")
     p.add_argument("--device", default="auto")
@@ -80,7 +83,7 @@ def _run_config(args) -> dict:
         "memory-rank": f.memory_rank, "client-start": f.client_start, "rank": f.lora.rank, "alpha": f.lora.alpha,
         "lr": f.lora.learning_rate, "epochs": f.lora.epochs, "batch-size": f.lora.batch_size, "seed": f.lora.seed,
         "min-clients": args.min_clients, "round-timeout": args.round_timeout,
-        "wait-for-clients": args.wait_for_clients, "device": args.device, "resume": not args.fresh,
+        "wait-for-clients": args.wait_for_clients, "join-grace": args.join_grace, "device": args.device, "resume": not args.fresh,
     }
     if args.min_clients < 1:
         raise ValueError("--min-clients must be at least 1")

@@ -40,6 +40,7 @@ class RunPlan:
     # and send every new memory version to the clients so they can use it locally.
     resume: bool = False
     publish: bool = False
+    join_grace: float = 0.0
 
 
 def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> Scores:
@@ -54,10 +55,20 @@ def _wait_for_nodes(grid: Grid, plan: RunPlan) -> list[int]:
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) >= plan.min_clients:
-            return nodes
+            break
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of {plan.min_clients} clients connected")
         time.sleep(1.0)
+    # Owners who join together should train together: once the minimum is there, go on
+    # only when nobody new has connected for join_grace seconds.
+    settled = time.monotonic()
+    while time.monotonic() - settled < plan.join_grace:
+        time.sleep(1.0)
+        now = list(grid.get_node_ids())
+        if set(now) - set(nodes):
+            settled = time.monotonic()
+        nodes = now
+    return nodes
 
 
 def _append_jsonl(path: Path, record: dict) -> None:

@@ -35,6 +35,10 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("--base", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--stay", action="store_true", help="keep running after the final memory arrives")
+    p.add_argument("--admission-wait", type=float, default=90.0,
+                   help="how long to keep trying when the server does not let this client in: a client that "
+                        "restarts is refused until its previous session times out, up to a minute "
+                        "(default %(default)s s)")
     p.add_argument("--max-wait-time", type=float, default=None,
                    help="give up after this many seconds without reaching the server (default: keep trying)")
 
@@ -63,7 +67,7 @@ def cmd_join(args) -> int:
     from .join import JoinOptions, join
 
     return join(JoinOptions(server=args.server, data=args.data, ca=args.ca, state=args.state, base=args.base,
-                            stay=args.stay, max_wait_time=args.max_wait_time))
+                            stay=args.stay, max_wait_time=args.max_wait_time, admission_wait=args.admission_wait))
 
 
 def cmd_key(args) -> int:

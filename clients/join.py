@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import threading
 import time
 from dataclasses import dataclass
@@ -46,6 +47,7 @@ class JoinOptions:
     base: str | None = None
     stay: bool = False
     max_wait_time: float | None = None
+    admission_wait: float = 90.0
 
 
 def check_server_address(server: str) -> str:
@@ -112,9 +114,43 @@ def join(options: JoinOptions, report=print) -> int:
     command = supernode_command(server=server, ca_cert=ca, private_key=keys.private_key, node_config=node_config,
                                 runtime_port=free_port(), max_wait_time=options.max_wait_time)
     start_round, _ = received_round(state)
-    proc = start_supernode(command, state / "flwr")
-    report(f"joining {server} as {corpus.name} ...")
     log_path = state / "supernode.log"
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    refused_since = None
+    try:
+        while True:
+            report(f"joining {server} as {corpus.name} ...")
+            outcome, code = _run_supernode(command, state, corpus.name, log_path, start_round, options.stay, report)
+            if outcome != "refused":
+                return code
+            # Flower refuses an admitted key too while the SuperLink still counts this client's previous
+            # session as open (up to a minute after it died), so a refusal is retried for a while.
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= options.admission_wait:
+                report(f"the server refused this client: its key {keys.fingerprint} is not admitted. "
+                       "Send the public key above to the coordinator (`fedmem-server clients add`).")
+                return 3
+            report(f"not let in yet (key not admitted, or this client's previous session is still open); "
+                   f"retrying for up to {options.admission_wait - (time.monotonic() - refused_since):.0f}s")
+            time.sleep(5.0)
+    except KeyboardInterrupt:
+        report("leaving the federation")
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run_supernode(command, state: Path, name: str, log_path: Path, start_round: int, stay: bool,
+                   report) -> tuple[str, int]:
+    """One SuperNode session: ("done", 0), ("refused", 3) or ("stopped", 1)."""
+    proc = start_supernode(command, state / "flwr")
     refused = threading.Event()
     sent = {"at": 0.0}
 
@@ -130,25 +166,18 @@ def join(options: JoinOptions, report=print) -> int:
                     sent["at"] = time.time()
                 if "SuperNode ID" in text:
                     report("connected; waiting for rounds")
-                elif text.startswith(f"[{corpus.name}]") or "Traceback" in text or "ERROR" in text:
+                elif text.startswith(f"[{name}]") or "Traceback" in text or "not kept" in text:
                     report(text)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
-    stopping = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stopping["signal"] = signum
-        raise KeyboardInterrupt
-
-    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         while proc.poll() is None:
             time.sleep(1.0)
             if refused.is_set():
-                break
+                return "refused", 3
             done, total = received_round(state)
-            if not options.stay and total and done >= total and done > start_round:
+            if not stay and total and done >= total and done > start_round:
                 # Let the SuperNode acknowledge the message that carried it before stopping.
                 arrived = (state / RECEIVED_MEMORY / "fedmem.json").stat().st_mtime
                 deadline = time.monotonic() + 15
@@ -156,24 +185,17 @@ def join(options: JoinOptions, report=print) -> int:
                     time.sleep(0.2)
                 report(f"final memory received (round {done}/{total}): {state / RECEIVED_MEMORY}")
                 report(f"use it with: fedmem ask --memory {state / RECEIVED_MEMORY} \"your question\"")
-                return 0
-        if proc.poll() is not None:
-            reader.join(timeout=5)  # the reason it stopped may still be in the pipe
+                return "done", 0
+        reader.join(timeout=5)  # the reason it stopped may still be in the pipe
         if refused.is_set():
-            report(f"the server refused this client: its key {keys.fingerprint} is not admitted. "
-                   f"Send the public key above to the coordinator (`fedmem-server clients add`).")
-            return 3
+            return "refused", 3
         report(f"the SuperNode stopped (exit code {proc.returncode}); see {log_path}")
-        return 1
-    except KeyboardInterrupt:
-        report("leaving the federation")
-        return 130
+        return "stopped", 1
     finally:
-        for s, handler in previous.items():
-            signal.signal(s, handler)
         if proc.poll() is None:
             proc.terminate()
             try:
                 proc.wait(timeout=10)
-            except Exception:
+            except subprocess.TimeoutExpired:
                 proc.kill()
+                proc.wait()

@@ -163,7 +163,10 @@ def start(options: StartOptions, report=print) -> int:
         admission.sync(paths.root, paths.flwr_home, report)
         if not admission.load(paths.root):
             report("no client is admitted yet: add them with `fedmem-server clients add` (the run waits for them)")
-        front = FrontDoor(host, port, internal_port, certs, report)
+        def admitted(fp: str) -> str | None:
+            return next((n for n, e in admission.load(paths.root).items() if e["fingerprint"] == fp), None)
+
+        front = FrontDoor(host, port, internal_port, certs, report, admitted)
         front.start()
         report(f"fedmem server listening on {host}:{port} (TLS, admitted clients only); state in {paths.root}")
         report(join_instructions(certs, host, port))

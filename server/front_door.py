@@ -32,7 +32,8 @@ _DROP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer
 PUBLIC_KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
 
 
-def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None]) -> Starlette:
+def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None],
+             admitted: Callable[[str], str | None] = lambda fp: None) -> Starlette:
     verify = ssl.create_default_context(cafile=str(ca_cert))
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(300.0, connect=10.0))
 
@@ -49,9 +50,15 @@ def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None]) -> Starle
             log(f"front door: the SuperLink did not answer ({type(err).__name__})")
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
         if path.endswith("/activate-node") and upstream_response.status_code >= 400:
-            log(f"refused a client from {request.client.host if request.client else '?'}: "
-                f"unknown key {_key_fingerprint(request.headers.get(PUBLIC_KEY_HEADER))} "
-                "(add it with `fedmem-server clients add` if it should join)")
+            fp = _key_fingerprint(request.headers.get(PUBLIC_KEY_HEADER))
+            who = request.client.host if request.client else "?"
+            name = admitted(fp)
+            if name:
+                log(f"client {name} reconnected from {who} while its previous session is still open; "
+                    "it is let in once that times out (within a minute)")
+            else:
+                log(f"refused a client from {who}: unknown key {fp} "
+                    "(add it with `fedmem-server clients add` if it should join)")
         out_headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in _DROP}
         return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out_headers)
 
@@ -78,8 +85,9 @@ def _key_fingerprint(header: str | None) -> str:
 class FrontDoor:
     """Uvicorn in a thread of the ``fedmem-server start`` process."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, certs, log: Callable[[str], None]):
-        app = make_app(f"https://127.0.0.1:{upstream_port}", certs.ca_cert, log)
+    def __init__(self, host: str, port: int, upstream_port: int, certs, log: Callable[[str], None],
+                 admitted: Callable[[str], str | None] = lambda fp: None):
+        app = make_app(f"https://127.0.0.1:{upstream_port}", certs.ca_cert, log, admitted)
         config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(certs.server_cert),
                                 ssl_keyfile=str(certs.server_key), log_level="warning", access_log=False,
                                 lifespan="on")

@@ -54,7 +54,8 @@ def federation(tmp_path_factory, tiny_base):
         def join(name: str, base: Path) -> Party:
             party = Party(name, root / "logs", [
                 "-m", "fedmem.clients.cli", "join", "--server", f"127.0.0.1:{port}", "--ca", str(ca),
-                "--data", str(data[name]), "--state", str(root / "clients" / name), "--base", str(base)])
+                "--data", str(data[name]), "--state", str(root / "clients" / name), "--base", str(base),
+                "--admission-wait", "15"])
             parties.append(party)
             party.start()
             return party

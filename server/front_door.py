@@ -15,6 +15,7 @@ import base64
 import contextlib
 import ssl
 import threading
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -36,6 +37,14 @@ def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None],
              admitted: Callable[[str], str | None] = lambda fp: None) -> Starlette:
     verify = ssl.create_default_context(cafile=str(ca_cert))
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(300.0, connect=10.0))
+    last_said: dict[str, float] = {}
+
+    def log_once_a_minute(key: str, line: str) -> None:
+        # A refused SuperNode retries every few seconds; one line a minute says it all.
+        now = time.monotonic()
+        if now - last_said.get(key, -1e9) >= 60:
+            last_said[key] = now
+            log(line)
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -54,10 +63,10 @@ def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None],
             who = request.client.host if request.client else "?"
             name = admitted(fp)
             if name:
-                log(f"client {name} reconnected from {who} while its previous session is still open; "
+                log_once_a_minute(fp, f"client {name} reconnected from {who} while its previous session is still open; "
                     "it is let in once that times out (within a minute)")
             else:
-                log(f"refused a client from {who}: unknown key {fp} "
+                log_once_a_minute(fp, f"refused a client from {who}: unknown key {fp} "
                     "(add it with `fedmem-server clients add` if it should join)")
         out_headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in _DROP}
         return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out_headers)

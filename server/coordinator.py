@@ -171,6 +171,12 @@ def start(options: StartOptions, report=print) -> int:
         report(f"fedmem server listening on {host}:{port} (TLS, admitted clients only); state in {paths.root}")
         report(join_instructions(certs, host, port))
 
+        stale = read_info(paths.root).get("run_id")
+        if stale:  # the run a killed server left "running" in Flower's database; this start replaces it
+            try:
+                flwr(paths.flwr_home, "stop", stale, CONNECTION)
+            except SuperLinkError:
+                pass
         answer = flwr(paths.flwr_home, "run", str(paths.app), CONNECTION, "--run-config", str(paths.run_config))
         run_id = str(answer["run-id"])
         info = {"pid": os.getpid(), "address": f"{host}:{port}", "internal_port": internal_port,

@@ -133,3 +133,34 @@ def test_app_project_is_a_valid_flower_app(tmp_path):
     assert set(config["tool"]["flwr"]["app"]["config"]) == set(RUN_CONFIG_DEFAULTS)
     with pytest.raises(ValueError, match="unknown run config keys: roundz"):
         plan_from_run_config({"roundz": 3})
+
+
+def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path, tiny_base):
+    from fedmem.base_model import fingerprint, load_model
+    from fedmem.federation import FederationConfig
+    from fedmem.lora import LoraSettings, attach_lora, extract_factors
+    from fedmem.memory import save_memory
+    from fedmem.server.server_app import RunPlan, last_checkpoint
+
+    config = FederationConfig(rounds=3, memory_rank=4, lora=LoraSettings(rank=4, alpha=8, epochs=1))
+    factors = extract_factors(attach_lora(load_model(str(tiny_base), "cpu"), LoraSettings(rank=4, alpha=8)))
+    fp = fingerprint(tiny_base)
+    for rnd in (1, 2):
+        save_memory(tmp_path / "rounds" / f"round-{rnd:03d}", factors, tiny_base,
+                    {"round": rnd, "rounds": 3, "base_fingerprint": fp, "clients": ["a"], "federation": config.to_dict()})
+    said = []
+    plan = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=config, report=said.append)
+    assert last_checkpoint(plan, fp)[0] == 2
+
+    weights = tmp_path / "rounds" / "round-002" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")  # damage from outside
+    done, restored, manifest = last_checkpoint(plan, fp)
+    assert done == 1 and manifest["clients"] == ["a"] and set(restored) == set(factors)
+    assert "round-002 is unusable" in said[0]
+
+    more_rounds = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=FederationConfig(
+        rounds=5, memory_rank=4, lora=LoraSettings(rank=4, alpha=8, epochs=1)))
+    assert last_checkpoint(more_rounds, fp)[0] == 1  # asking for more rounds is fine
+    other = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=FederationConfig(rounds=3, memory_rank=8))
+    with pytest.raises(RuntimeError, match="other federation settings"):
+        last_checkpoint(other, fp)

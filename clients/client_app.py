@@ -49,6 +49,7 @@ def keep_memory(msg: Message, context: Context, base: str) -> None:
         return
     if factors and int(manifest.get("round", 0)) >= int(kept):
         manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "created", "format")}
+        manifest["base_model"] = str(base)  # this machine's copy of the (identical) base model
         save_memory(dest, factors, Path(base), manifest)
 
 

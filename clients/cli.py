@@ -39,6 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="how long to keep trying when the server does not let this client in: a client that "
                         "restarts is refused until its previous session times out, up to a minute "
                         "(default %(default)s s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for local training (default: every core; lower it when the machine "
+                        "is shared, e.g. several owners on one machine)")
     p.add_argument("--max-wait-time", type=float, default=None,
                    help="give up after this many seconds without reaching the server (default: keep trying)")
 
@@ -67,7 +70,8 @@ def cmd_join(args) -> int:
     from .join import JoinOptions, join
 
     return join(JoinOptions(server=args.server, data=args.data, ca=args.ca, state=args.state, base=args.base,
-                            stay=args.stay, max_wait_time=args.max_wait_time, admission_wait=args.admission_wait))
+                            stay=args.stay, max_wait_time=args.max_wait_time, admission_wait=args.admission_wait,
+                            threads=args.threads))
 
 
 def cmd_key(args) -> int:

@@ -65,6 +65,10 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
     def train(msg: Message, context: Context) -> Message:
         quiet_libraries()
         set_threads()
+        if "threads" in context.node_config:  # an owner sharing the machine with other work
+            import torch
+
+            torch.set_num_threads(max(1, int(context.node_config["threads"])))
         run_config, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
         base = base_dir or str(context.node_config.get("base", run_config["base_dir"]))
         mine = base_fingerprint(base)

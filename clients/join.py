@@ -48,6 +48,7 @@ class JoinOptions:
     stay: bool = False
     max_wait_time: float | None = None
     admission_wait: float = 90.0
+    threads: int | None = None
 
 
 def check_server_address(server: str) -> str:
@@ -109,8 +110,10 @@ def join(options: JoinOptions, report=print) -> int:
         report("  the coordinator admits it with:")
         report(f"  fedmem-server clients add {corpus.name} '{keys.public_text}'")
 
-    node_config = write_node_config(state / "node-config.toml", {
-        "data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state)})
+    values = {"data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state)}
+    if options.threads:
+        values["threads"] = str(options.threads)
+    node_config = write_node_config(state / "node-config.toml", values)
     command = supernode_command(server=server, ca_cert=ca, private_key=keys.private_key, node_config=node_config,
                                 runtime_port=free_port(), max_wait_time=options.max_wait_time)
     start_round, _ = received_round(state)
@@ -126,7 +129,8 @@ def join(options: JoinOptions, report=print) -> int:
     try:
         while True:
             report(f"joining {server} as {corpus.name} ...")
-            outcome, code = _run_supernode(command, state, corpus.name, log_path, start_round, options.stay, report)
+            outcome, code = _run_supernode(command, state, corpus.name, log_path, start_round, options.stay, report,
+                                           options.threads)
             if outcome != "refused":
                 return code
             # Flower refuses an admitted key too while the SuperLink still counts this client's previous
@@ -148,9 +152,9 @@ def join(options: JoinOptions, report=print) -> int:
 
 
 def _run_supernode(command, state: Path, name: str, log_path: Path, start_round: int, stay: bool,
-                   report) -> tuple[str, int]:
+                   report, threads: int | None = None) -> tuple[str, int]:
     """One SuperNode session: ("done", 0), ("refused", 3) or ("stopped", 1)."""
-    proc = start_supernode(command, state / "flwr")
+    proc = start_supernode(command, state / "flwr", threads)
     refused = threading.Event()
     sent = {"at": 0.0}
 

@@ -26,8 +26,10 @@ def write_node_config(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
-def tools_env(flwr_home: Path) -> dict[str, str]:
+def tools_env(flwr_home: Path, threads: int | None = None) -> dict[str, str]:
     env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
     env["FLWR_HOME"] = str(flwr_home)
     # The SuperNode starts flower-superexec and flwr-clientapp by name: this interpreter's first.
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
@@ -54,7 +56,7 @@ def supernode_command(*, server: str, ca_cert: Path, private_key: Path, node_con
     return command
 
 
-def start_supernode(command: list[str], flwr_home: Path) -> subprocess.Popen:
+def start_supernode(command: list[str], flwr_home: Path, threads: int | None = None) -> subprocess.Popen:
     flwr_home.mkdir(parents=True, exist_ok=True)
     return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                            env=tools_env(flwr_home), bufsize=1)
+                            env=tools_env(flwr_home, threads), bufsize=1)

@@ -19,7 +19,7 @@ from flwr.clientapp import ClientApp
 from fedmem.base_model import pick_device, quiet_libraries
 from fedmem.corpus import load_corpus
 from fedmem.federation import FederationConfig, base_fingerprint, client_update, set_threads
-from fedmem.memory import read_manifest, save_memory
+from fedmem.memory import save_memory
 from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, factors_to_record,
                              metrics_to_record, record_to_config, record_to_factors)
 
@@ -33,24 +33,19 @@ class FingerprintMismatch(RuntimeError):
 
 
 def keep_memory(msg: Message, context: Context, base: str) -> None:
-    """Save the memory this message carries under the node's state dir, if newer than the one kept."""
+    """Save the memory this message carries under the node's state dir: the newest one received."""
     if "state" not in context.node_config or MANIFEST_KEY not in msg.content:
         return
     manifest = json.loads(str(msg.content[MANIFEST_KEY]["json"]))
-    factors = record_to_factors(msg.content[MEMORY_KEY])
-    dest = Path(str(context.node_config["state"])) / RECEIVED_MEMORY
-    try:
-        kept = read_manifest(dest).get("round", 0) if dest.exists() else 0
-    except Exception:  # a damaged copy is simply replaced
-        kept = 0
     if manifest.get("base_fingerprint") and manifest["base_fingerprint"] != base_fingerprint(base):
         print(f"memory of round {manifest.get('round')} not kept: it was made for another base model "
               f"({manifest['base_fingerprint'][:19]}...) than this client's ({base})", flush=True)
         return
-    if factors and int(manifest.get("round", 0)) >= int(kept):
+    factors = record_to_factors(msg.content[MEMORY_KEY])
+    if factors:
         manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "created", "format")}
         manifest["base_model"] = str(base)  # this machine's copy of the (identical) base model
-        save_memory(dest, factors, Path(base), manifest)
+        save_memory(Path(str(context.node_config["state"])) / RECEIVED_MEMORY, factors, Path(base), manifest)
 
 
 def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None = None) -> ClientApp:

@@ -77,12 +77,14 @@ def check_ca(path: Path) -> Path:
     return path.resolve()
 
 
-def received_round(state: Path) -> tuple[int, int]:
+def received_round(state: Path) -> tuple[int, int, float]:
+    """(round, rounds, when it arrived) of the memory kept in the state dir; zeros if none."""
+    path = Path(state) / RECEIVED_MEMORY / "fedmem.json"
     try:
-        manifest = json.loads((Path(state) / RECEIVED_MEMORY / "fedmem.json").read_text())
-        return int(manifest.get("round", 0)), int(manifest.get("rounds", 0))
+        manifest = json.loads(path.read_text())
+        return int(manifest.get("round", 0)), int(manifest.get("rounds", 0)), path.stat().st_mtime
     except (OSError, ValueError):
-        return 0, 0
+        return 0, 0, 0.0
 
 
 REFUSED = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
@@ -116,12 +118,9 @@ def join(options: JoinOptions, report=print) -> int:
     node_config = write_node_config(state / "node-config.toml", values)
     command = supernode_command(server=server, ca_cert=ca, private_key=keys.private_key, node_config=node_config,
                                 runtime_port=free_port(), max_wait_time=options.max_wait_time)
-    start_round, _ = received_round(state)
+    joined_at = time.time()
     log_path = state / "supernode.log"
-    stopping = {"signal": None}
-
-    def on_signal(signum, _frame):
-        stopping["signal"] = signum
+    def on_signal(_signum, _frame):
         raise KeyboardInterrupt
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
@@ -129,7 +128,7 @@ def join(options: JoinOptions, report=print) -> int:
     try:
         while True:
             report(f"joining {server} as {corpus.name} ...")
-            outcome, code = _run_supernode(command, state, corpus.name, log_path, start_round, options.stay, report,
+            outcome, code = _run_supernode(command, state, corpus.name, log_path, joined_at, options.stay, report,
                                            options.threads)
             if outcome != "refused":
                 return code
@@ -151,7 +150,7 @@ def join(options: JoinOptions, report=print) -> int:
             signal.signal(s, handler)
 
 
-def _run_supernode(command, state: Path, name: str, log_path: Path, start_round: int, stay: bool,
+def _run_supernode(command, state: Path, name: str, log_path: Path, joined_at: float, stay: bool,
                    report, threads: int | None = None) -> tuple[str, int]:
     """One SuperNode session: ("done", 0), ("refused", 3) or ("stopped", 1)."""
     proc = start_supernode(command, state / "flwr", threads)
@@ -180,10 +179,9 @@ def _run_supernode(command, state: Path, name: str, log_path: Path, start_round:
             time.sleep(1.0)
             if refused.is_set():
                 return "refused", 3
-            done, total = received_round(state)
-            if not stay and total and done >= total and done > start_round:
+            done, total, arrived = received_round(state)
+            if not stay and total and done >= total and arrived > joined_at:
                 # Let the SuperNode acknowledge the message that carried it before stopping.
-                arrived = (state / RECEIVED_MEMORY / "fedmem.json").stat().st_mtime
                 deadline = time.monotonic() + 15
                 while sent["at"] < arrived and time.monotonic() < deadline and proc.poll() is None:
                     time.sleep(0.2)

@@ -32,18 +32,27 @@ def _path(state: Path) -> Path:
     return Path(state) / ALLOW_LIST
 
 
-def load(state: Path) -> dict[str, dict]:
+def _load_all(state: Path) -> dict:
     path = _path(state)
     if not path.is_file():
-        return {}
+        return {"clients": {}, "removed": {}}
     try:
-        return json.loads(path.read_text())["clients"]
+        data = json.loads(path.read_text())
+        data["clients"]
     except (ValueError, KeyError) as err:
         raise AdmissionError(f"{path}: corrupt allow-list ({err})") from err
+    data.setdefault("removed", {})
+    return data
 
 
-def _save(state: Path, clients: dict[str, dict]) -> None:
-    atomic_write_text(_path(state), json.dumps({"clients": clients}, indent=2, sort_keys=True) + "\n")
+def load(state: Path) -> dict[str, dict]:
+    return _load_all(state)["clients"]
+
+
+def _save(state: Path, clients: dict[str, dict], removed: dict[str, str] | None = None) -> None:
+    removed = _load_all(state)["removed"] if removed is None else removed
+    atomic_write_text(_path(state), json.dumps({"clients": clients, "removed": removed}, indent=2,
+                                                sort_keys=True) + "\n")
 
 
 def add(state: Path, name: str, public_key: str) -> dict:
@@ -58,6 +67,11 @@ def add(state: Path, name: str, public_key: str) -> dict:
     except ValueError as err:
         raise AdmissionError(f"client {name}: {err}") from err
     clients = load(state)
+    if fp in _load_all(state)["removed"]:
+        # Flower keeps an unregistered SuperNode's key and will not register it again.
+        raise AdmissionError(f"that key was admitted before as {_load_all(state)['removed'][fp]!r} and removed; "
+                             "a removed key cannot be admitted again: ask the owner for a new one "
+                             "(delete client.key in their state dir, then `fedmem-client key`)")
     for other, entry in clients.items():
         if entry["fingerprint"] == fp and other != name:
             raise AdmissionError(f"that key is already admitted as {other!r}")
@@ -71,11 +85,13 @@ def add(state: Path, name: str, public_key: str) -> dict:
 
 
 def remove(state: Path, name: str) -> dict:
-    clients = load(state)
+    data = _load_all(state)
+    clients = data["clients"]
     if name not in clients:
         raise AdmissionError(f"no admitted client named {name!r} (see `fedmem-server clients list`)")
     entry = clients.pop(name)
-    _save(state, clients)
+    data["removed"][entry["fingerprint"]] = name
+    _save(state, clients, data["removed"])
     return entry
 
 

@@ -74,6 +74,9 @@ def test_allow_list_add_list_remove(tmp_path, capsys):
     assert server_main(["clients", "remove", "--state", str(state), "alpha"]) == 0
     assert set(admission.load(state)) == {"beta"}
     assert server_main(["clients", "remove", "--state", str(state), "alpha"]) == 2
+    capsys.readouterr()
+    assert server_main(["clients", "add", "--state", str(state), "alpha", a.public_text]) == 2
+    assert "cannot be admitted again" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("address,problem", [("localhost", "expected HOST:PORT"), ("host:http", "not a number"),

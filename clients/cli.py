@@ -1,8 +1,9 @@
 """``fedmem-client``: the data owner's command line.
 
-``check`` validates a private corpus exactly as training would, and shows how many
-training examples it yields, without any network. ``join`` (deployment over Flower's
-SuperNode) is not available in this version yet.
+  check   validate a corpus exactly as training would; no network
+  join    join a federation: a Flower SuperNode running the fedmem ClientApp on --data
+  key     show (and make, on first use) this client's public key, for the coordinator
+  pull    copy the latest memory the server sent, verified, for `fedmem ask`
 """
 
 from __future__ import annotations
@@ -12,29 +13,99 @@ import sys
 from pathlib import Path
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="fedmem-client", description=__doc__)
+def _state_arg(p: argparse.ArgumentParser) -> None:
+    from .join import default_state_dir
+
+    p.add_argument("--state", type=Path, default=default_state_dir(),
+                   help="this client's state dir: key pair, received memory (default %(default)s; "
+                        "or $FEDMEM_CLIENT_STATE)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fedmem-client", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check", help="validate a corpus directory")
     p.add_argument("--data", type=Path, required=True)
-    sub.add_parser("join", help="join a federation (not available yet)")
-    args = parser.parse_args(argv)
-    if args.command == "join":
-        print("fedmem-client: joining a deployed federation is not available in this version yet; "
-              "use `fedmem simulate`.", file=sys.stderr)
-        return 2
-    from fedmem.corpus import CorpusError, load_corpus
+
+    p = sub.add_parser("join", help="join a federation")
+    p.add_argument("--server", required=True, help="the coordinator's HOST:PORT")
+    p.add_argument("--data", type=Path, required=True, help="this owner's corpus directory")
+    p.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.pem from the coordinator)")
+    _state_arg(p)
+    p.add_argument("--base", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--stay", action="store_true", help="keep running after the final memory arrives")
+    p.add_argument("--admission-wait", type=float, default=90.0,
+                   help="how long to keep trying when the server does not let this client in: a client that "
+                        "restarts is refused until its previous session times out, up to a minute "
+                        "(default %(default)s s)")
+    p.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for local training (default: every core; lower it when the machine "
+                        "is shared, e.g. several owners on one machine)")
+    p.add_argument("--max-wait-time", type=float, default=None,
+                   help="give up after this many seconds without reaching the server (default: keep trying)")
+
+    p = sub.add_parser("key", help="print this client's public key")
+    _state_arg(p)
+
+    p = sub.add_parser("pull", help="copy the latest received memory for local use")
+    _state_arg(p)
+    p.add_argument("--out", type=Path, default=Path("fedmem-memory"), help="where to put it (default %(default)s)")
+    p.add_argument("--base", default=None)
+    return parser
+
+
+def cmd_check(args) -> int:
+    from fedmem.corpus import load_corpus
     from fedmem.examples import build_examples
 
-    try:
-        corpus = load_corpus(args.data)
-    except CorpusError as err:
-        print(f"fedmem-client: error: {err}", file=sys.stderr)
-        return 2
+    corpus = load_corpus(args.data)
     examples = build_examples(corpus)
     print(f"{corpus.root}: {len(corpus.documents)} documents, {len(corpus.qa)} Q/A records "
           f"-> {len(examples)} training examples")
     return 0
+
+
+def cmd_join(args) -> int:
+    from .join import JoinOptions, join
+
+    return join(JoinOptions(server=args.server, data=args.data, ca=args.ca, state=args.state, base=args.base,
+                            stay=args.stay, max_wait_time=args.max_wait_time, admission_wait=args.admission_wait,
+                            threads=args.threads))
+
+
+def cmd_key(args) -> int:
+    from .keys import ensure_keys
+
+    keys = ensure_keys(args.state.expanduser())
+    print(keys.public_text)
+    print(f"fingerprint {keys.fingerprint}" + (" (new)" if keys.created else ""), file=sys.stderr)
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from .pull import pull
+
+    manifest = pull(args.state, args.out, args.base)
+    print(f"memory of round {manifest.get('round')}/{manifest.get('rounds')} "
+          f"(clients {', '.join(manifest.get('clients', []))}) -> {args.out}")
+    print(f"try it: fedmem ask --memory {args.out} \"your question\"")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from fedmem.base_model import BaseModelError
+    from fedmem.corpus import CorpusError
+    from fedmem.memory import MemoryFormatError
+
+    from .keys import KeyFileError
+
+    try:
+        return {"check": cmd_check, "join": cmd_join, "key": cmd_key, "pull": cmd_pull}[args.command](args)
+    except (CorpusError, ValueError, MemoryFormatError, BaseModelError, KeyFileError, FileNotFoundError) as err:
+        print(f"fedmem-client: error: {err}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

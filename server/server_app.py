@@ -13,14 +13,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
-from flwr.app import Context, Message, MessageType, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
 from fedmem.base_model import load_model, load_tokenizer, quiet_libraries
 from fedmem.federation import FederationConfig, base_fingerprint, server_aggregate, set_threads
 from fedmem.lora import merge_factors
-from fedmem.memory import atomic_write_text, save_memory
+from fedmem.memory import MemoryFormatError, atomic_write_text, load_memory, save_memory
 from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, config_to_record,
                              factors_to_record, record_to_factors)
 
@@ -36,6 +36,11 @@ class RunPlan:
     round_timeout: float | None = None
     wait_for_clients: float = 300.0
     report: Callable[[str], None] = field(default=print)
+    # Deployment: pick up after the last round checkpoint in out_dir (a restarted server),
+    # and send every new memory version to the clients so they can use it locally.
+    resume: bool = False
+    publish: bool = False
+    join_grace: float = 0.0
 
 
 def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> Scores:
@@ -50,16 +55,79 @@ def _wait_for_nodes(grid: Grid, plan: RunPlan) -> list[int]:
     while True:
         nodes = list(grid.get_node_ids())
         if len(nodes) >= plan.min_clients:
-            return nodes
+            break
         if time.monotonic() > deadline:
             raise TimeoutError(f"only {len(nodes)} of {plan.min_clients} clients connected")
         time.sleep(1.0)
+    # Owners who join together should train together: once the minimum is there, go on
+    # only when nobody new has connected for join_grace seconds.
+    settled = time.monotonic()
+    while time.monotonic() - settled < plan.join_grace:
+        time.sleep(1.0)
+        now = list(grid.get_node_ids())
+        if set(now) - set(nodes):
+            settled = time.monotonic()
+        nodes = now
+    return nodes
 
 
 def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
+
+
+MANIFEST_KEY = "manifest"
+
+
+def _comparable(federation: dict) -> dict:
+    # More rounds may be asked of a resumed run; anything else changes what the checkpoints mean.
+    return {k: v for k, v in json.loads(json.dumps(federation)).items() if k != "rounds"}
+
+
+def last_checkpoint(plan: RunPlan, fp: str) -> tuple[int, object, dict]:
+    """The newest round checkpoint that verifies: (round, factors, manifest), or (0, None, {})."""
+    rounds_dir = plan.out_dir / "rounds"
+    for d in sorted(rounds_dir.glob("round-[0-9][0-9][0-9]"), reverse=True):
+        try:
+            factors, manifest = load_memory(d, fp)
+        except MemoryFormatError as err:
+            # Writes are atomic, so this is damage from outside; say so and fall back one round.
+            plan.report(f"checkpoint {d.name} is unusable ({err}); trying the one before")
+            continue
+        if _comparable(manifest.get("federation", {})) != _comparable(plan.federation.to_dict()):
+            raise RuntimeError(
+                f"{d}: the checkpoints in {plan.out_dir} were made with other federation settings; "
+                "resume with the same settings, or use a new output directory")
+        return int(manifest["round"]), factors, manifest
+    return 0, None, {}
+
+
+def _read_jsonl(path: Path) -> list[dict]:
+    if not path.is_file():
+        return []
+    rows = []
+    for line in path.read_text().splitlines():
+        try:
+            rows.append(json.loads(line))
+        except ValueError:
+            break  # a line cut short by a crash: everything after it is gone anyway
+    return rows
+
+
+def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan) -> None:
+    """Hand the finished memory to every client still connected, best effort."""
+    record = factors_to_record(memory)
+    messages = [
+        Message(content=RecordDict({MEMORY_KEY: record,
+                                    MANIFEST_KEY: ConfigRecord({"json": json.dumps(manifest)})}),
+                message_type=MessageType.EVALUATE, dst_node_id=n)
+        for n in nodes
+    ]
+    replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout or 120.0))
+    acknowledged = sum(1 for r in replies if not r.has_error())
+    # A client that leaves as soon as it has the memory shows up here as "node unavailable".
+    plan.report(f"memory sent to {len(nodes)} connected clients ({acknowledged} acknowledged before leaving)")
 
 
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
@@ -69,28 +137,39 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
-    metrics_path.unlink(missing_ok=True)
     fp = base_fingerprint(plan.base_dir)
     run_config = {"base_dir": plan.base_dir, "device": plan.device, "federation": cfg.to_dict()}
     summary: dict = {"rounds": []}
+    done, memory, manifest = last_checkpoint(plan, fp) if plan.resume else (0, None, {})
+    clients_seen: set[str] = set(manifest.get("clients", []))
+    if done:
+        kept = [r for r in _read_jsonl(metrics_path) if r.get("round", 0) <= done]
+        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        summary["rounds"] = [r for r in kept if r.get("round", 0) > 0]
+        base_row = next((r for r in kept if r.get("round") == 0), None)
+        if base_row:
+            summary["base_recall"] = {"accuracy": base_row["recall"], **base_row.get("recall_by_source", {})}
+        plan.report(f"resuming after round {done} from {out / 'rounds' / f'round-{done:03d}'}")
+    else:
+        metrics_path.unlink(missing_ok=True)
 
-    if plan.questions:
+    if plan.questions and not done:
         before = evaluate(plan.base_dir, None, plan.questions, plan.device)
         summary["base_recall"] = {"accuracy": before.accuracy, **{f"{k}": v for k, v in before.by_source.items()}}
         plan.report(f"round 0 (base model): recall {before.accuracy:.0%} "
                     + " ".join(f"{k} {v:.0%}" for k, v in before.by_source.items()))
         _append_jsonl(metrics_path, {"round": 0, "recall": before.accuracy, "recall_by_source": before.by_source})
 
-    memory = None
-    clients_seen: set[str] = set()
-    for rnd in range(1, cfg.rounds + 1):
+    for rnd in range(done + 1, cfg.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, plan)
         plan.report(f"round {rnd}/{cfg.rounds}: training on {len(nodes)} clients ...")
         memory_record = factors_to_record(memory)
+        content = {MEMORY_KEY: memory_record, CONFIG_KEY: config_to_record(run_config, rnd, fp)}
+        if plan.publish and manifest:
+            content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
         messages = [
-            Message(content=RecordDict({MEMORY_KEY: memory_record, CONFIG_KEY: config_to_record(run_config, rnd, fp)}),
-                    message_type=MessageType.TRAIN, dst_node_id=n)
+            Message(content=RecordDict(dict(content)), message_type=MessageType.TRAIN, dst_node_id=n)
             for n in nodes
         ]
         replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
@@ -143,12 +222,18 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "federation": cfg.to_dict(),
             "metrics": {k: v for k, v in record.items() if k not in ("client_metrics",)},
         }
-        save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest)
+        # Metrics first: a crash between the two leaves a row without a checkpoint, which a
+        # resumed run drops, never a checkpoint without its row.
         _append_jsonl(metrics_path, record)
+        save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest)
         plan.report(line + f" ({record['seconds']:.0f}s)")
         summary["rounds"].append(record)
+    if memory is None:
+        raise RuntimeError("no round was completed, so there is no memory to save")
     save_memory(out / "memory", memory, Path(plan.base_dir), manifest)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
+    if plan.publish:
+        _publish(grid, list(grid.get_node_ids()), memory, manifest, plan)
     return summary
 
 

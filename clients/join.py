@@ -1,0 +1,203 @@
+"""``fedmem-client join``: check everything locally, then run a SuperNode for this data owner.
+
+Before any connection: the corpus is validated (problems named by file and line),
+the CA certificate and the address are checked, the base model is found, and the
+client's key pair is made on first use. Then the SuperNode runs until the server
+has sent the finished memory (kept in ``STATE/memory``), or until stopped.
+
+Only LoRA tensors and numbers leave the machine; the corpus is read by the ClientApp
+in a local process and never sent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from fedmem.corpus import load_corpus
+
+from .keys import ensure_keys
+from .supernode import start_supernode, supernode_command, write_node_config
+
+RECEIVED_MEMORY = "memory"
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("FEDMEM_CLIENT_STATE", Path.home() / ".fedmem" / "client"))
+
+
+class JoinError(ValueError):
+    pass
+
+
+@dataclass
+class JoinOptions:
+    server: str
+    data: Path
+    ca: Path
+    state: Path
+    base: str | None = None
+    stay: bool = False
+    max_wait_time: float | None = None
+    admission_wait: float = 90.0
+    threads: int | None = None
+
+
+def check_server_address(server: str) -> str:
+    from fedmem.server.coordinator import parse_address
+
+    host, _ = parse_address(server)
+    if host in ("0.0.0.0", "::"):
+        raise JoinError(f"--server {server}: {host} is a listening address, not one to connect to; "
+                        "use the server's name or IP")
+    return server
+
+
+def check_ca(path: Path) -> Path:
+    path = Path(path).expanduser()
+    if not path.is_file():
+        raise JoinError(f"--ca {path}: no such file (the coordinator gives you its ca.pem)")
+    try:
+        cert = x509.load_pem_x509_certificate(path.read_bytes())
+    except ValueError as err:
+        raise JoinError(f"--ca {path}: not a PEM certificate ({err})") from err
+    try:
+        if not cert.extensions.get_extension_for_class(x509.BasicConstraints).value.ca:
+            raise JoinError(f"--ca {path}: this is not a CA certificate (use the server's ca.pem, not server.pem)")
+    except x509.ExtensionNotFound:
+        pass
+    return path.resolve()
+
+
+def received_round(state: Path) -> tuple[int, int, float]:
+    """(round, rounds, when it arrived) of the memory kept in the state dir; zeros if none."""
+    path = Path(state) / RECEIVED_MEMORY / "fedmem.json"
+    try:
+        manifest = json.loads(path.read_text())
+        return int(manifest.get("round", 0)), int(manifest.get("rounds", 0)), path.stat().st_mtime
+    except (OSError, ValueError):
+        return 0, 0, 0.0
+
+
+REFUSED = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
+
+
+def join(options: JoinOptions, report=print) -> int:
+    from fedmem.base_model import resolve_base
+    from fedmem.examples import build_examples
+    from fedmem.server.superlink import free_port
+
+    server = check_server_address(options.server)
+    ca = check_ca(options.ca)
+    corpus = load_corpus(options.data)  # CorpusError names file:line
+    examples = build_examples(corpus)
+    base = resolve_base(options.base)
+    state = Path(options.state).expanduser().resolve()
+    state.mkdir(parents=True, exist_ok=True)
+    os.chmod(state, 0o700)
+    keys = ensure_keys(state)
+    report(f"corpus {corpus.root}: {len(corpus.documents)} documents, {len(corpus.qa)} Q/A records "
+           f"-> {len(examples)} training examples (the text stays on this machine)")
+    report(f"client key {keys.fingerprint}" + (" (new)" if keys.created else ""))
+    report(f"  public key: {keys.public_text}")
+    if keys.created:
+        report("  the coordinator admits it with:")
+        report(f"  fedmem-server clients add {corpus.name} '{keys.public_text}'")
+
+    values = {"data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state)}
+    if options.threads:
+        values["threads"] = str(options.threads)
+    node_config = write_node_config(state / "node-config.toml", values)
+    command = supernode_command(server=server, ca_cert=ca, private_key=keys.private_key, node_config=node_config,
+                                runtime_port=free_port(), max_wait_time=options.max_wait_time)
+    joined_at = time.time()
+    log_path = state / "supernode.log"
+    def on_signal(_signum, _frame):
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    refused_since = None
+    try:
+        while True:
+            report(f"joining {server} as {corpus.name} ...")
+            outcome, code = _run_supernode(command, state, corpus.name, log_path, joined_at, options.stay, report,
+                                           options.threads)
+            if outcome != "refused":
+                return code
+            # Flower refuses an admitted key too while the SuperLink still counts this client's previous
+            # session as open (up to a minute after it died), so a refusal is retried for a while.
+            refused_since = refused_since or time.monotonic()
+            if time.monotonic() - refused_since >= options.admission_wait:
+                report(f"the server refused this client: its key {keys.fingerprint} is not admitted. "
+                       "Send the public key above to the coordinator (`fedmem-server clients add`).")
+                return 3
+            report(f"not let in yet (key not admitted, or this client's previous session is still open); "
+                   f"retrying for up to {options.admission_wait - (time.monotonic() - refused_since):.0f}s")
+            time.sleep(5.0)
+    except KeyboardInterrupt:
+        report("leaving the federation")
+        return 130
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run_supernode(command, state: Path, name: str, log_path: Path, joined_at: float, stay: bool,
+                   report, threads: int | None = None) -> tuple[str, int]:
+    """One SuperNode session: ("done", 0), ("refused", 3) or ("stopped", 1)."""
+    proc = start_supernode(command, state / "flwr", threads)
+    refused = threading.Event()
+    sent = {"at": 0.0}
+
+    def pump() -> None:
+        with open(log_path, "a") as log:
+            for line in proc.stdout:
+                log.write(line)
+                log.flush()
+                text = line.rstrip()
+                if any(r in text for r in REFUSED):
+                    refused.set()
+                if "Sent successfully" in text:
+                    sent["at"] = time.time()
+                if "SuperNode ID" in text:
+                    report("connected; waiting for rounds")
+                elif text.startswith(f"[{name}]") or "Traceback" in text or "not kept" in text:
+                    report(text)
+
+    reader = threading.Thread(target=pump, daemon=True)
+    reader.start()
+    try:
+        while proc.poll() is None:
+            time.sleep(1.0)
+            if refused.is_set():
+                return "refused", 3
+            done, total, arrived = received_round(state)
+            if not stay and total and done >= total and arrived > joined_at:
+                # Let the SuperNode acknowledge the message that carried it before stopping.
+                deadline = time.monotonic() + 15
+                while sent["at"] < arrived and time.monotonic() < deadline and proc.poll() is None:
+                    time.sleep(0.2)
+                report(f"final memory received (round {done}/{total}): {state / RECEIVED_MEMORY}")
+                report(f"use it with: fedmem ask --memory {state / RECEIVED_MEMORY} \"your question\"")
+                return "done", 0
+        reader.join(timeout=5)  # the reason it stopped may still be in the pipe
+        if refused.is_set():
+            return "refused", 3
+        report(f"the SuperNode stopped (exit code {proc.returncode}); see {log_path}")
+        return "stopped", 1
+    finally:
+        if proc.poll() is None:
+            proc.terminate()
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

@@ -1,0 +1,62 @@
+"""Flower's SuperNode as a child process of ``fedmem-client join``.
+
+It connects out to the coordinator over TLS (verifying the server with the
+federation's CA), signs its requests with the client's key, and runs the fedmem
+ClientApp on the local corpus. Its local Runtime API (the ClientApp talks to it)
+listens on loopback only. App dependencies are never installed at run time.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from fedmem.memory import atomic_write_text
+
+
+def _toml_string(value: str) -> str:
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+
+
+def write_node_config(path: Path, values: dict[str, str]) -> Path:
+    # A TOML file, not a command-line string: paths with spaces or quotes survive intact.
+    atomic_write_text(path, "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items()))
+    return path
+
+
+def tools_env(flwr_home: Path, threads: int | None = None) -> dict[str, str]:
+    env = dict(os.environ)
+    if threads:
+        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
+    env["FLWR_HOME"] = str(flwr_home)
+    # The SuperNode starts flower-superexec and flwr-clientapp by name: this interpreter's first.
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONUNBUFFERED"] = "1"
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    return env
+
+
+def supernode_command(*, server: str, ca_cert: Path, private_key: Path, node_config: Path, runtime_port: int,
+                      max_wait_time: float | None) -> list[str]:
+    exe = Path(sys.executable).parent / "flower-supernode"
+    command = [
+        str(exe) if exe.exists() else "flower-supernode",
+        "--superlink", server,
+        "--root-certificates", str(ca_cert),
+        "--auth-supernode-private-key", str(private_key),
+        "--node-config", str(node_config),
+        "--host", "127.0.0.1", "--port", str(runtime_port),
+        "--isolation", "subprocess",
+    ]
+    if max_wait_time:
+        command += ["--max-wait-time", str(max_wait_time)]
+    return command
+
+
+def start_supernode(command: list[str], flwr_home: Path, threads: int | None = None) -> subprocess.Popen:
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    return subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            env=tools_env(flwr_home, threads), bufsize=1)

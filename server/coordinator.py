@@ -1,0 +1,231 @@
+"""``fedmem-server start``: certificates, SuperLink, allow-list, front door, then the run.
+
+Everything the coordinator keeps is in one state dir:
+
+    certs/            the federation's CA (ca.pem is what owners need) and the TLS certificate
+    superlink.db      Flower's persistent state: admitted nodes, runs
+    clients.json      the allow-list (fedmem.server.admission)
+    flwr/             FLWR_HOME for the `flwr` CLI calls made on the coordinator's behalf
+    app/              the app project `flwr run` bundles (fedmem.server.flower_app)
+    run/              the run's output: rounds/round-NNN, metrics.jsonl, memory/
+    server.json       what is running now (addresses, pids, run id), for status and clients add
+    logs/             the SuperLink's log
+
+A restarted server starts a new Flower run that resumes after the last round
+checkpoint in run/, with the same admitted clients and certificates.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from fedmem.memory import atomic_write_text
+
+from . import admission
+from .certificates import Certificates, ensure_certificates
+from .flower_app import RUN_CONFIG_DEFAULTS, _toml_value, write_app_project
+from .front_door import FrontDoor
+from .superlink import (CONNECTION, SuperLinkError, flwr, free_port, start_superlink, stop, tool, tools_env,
+                        wait_ready, write_connection)
+
+SERVER_INFO = "server.json"
+DEFAULT_PORT = 9443
+
+
+def default_state_dir() -> Path:
+    return Path(os.environ.get("FEDMEM_SERVER_STATE", Path.home() / ".fedmem" / "server"))
+
+
+@dataclass
+class StatePaths:
+    root: Path
+
+    @property
+    def certs(self) -> Path: return self.root / "certs"
+    @property
+    def database(self) -> Path: return self.root / "superlink.db"
+    @property
+    def flwr_home(self) -> Path: return self.root / "flwr"
+    @property
+    def app(self) -> Path: return self.root / "app"
+    @property
+    def run(self) -> Path: return self.root / "run"
+    @property
+    def info(self) -> Path: return self.root / SERVER_INFO
+    @property
+    def superlink_log(self) -> Path: return self.root / "logs" / "superlink.log"
+    @property
+    def run_config(self) -> Path: return self.root / "run-config.toml"
+
+
+def parse_address(address: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[v6]:PORT' -> (host, port), with a message that says what is wrong."""
+    address = address.strip()
+    if address.startswith("["):
+        host, sep, rest = address[1:].partition("]")
+        port_text = rest[1:] if rest.startswith(":") else ""
+    else:
+        host, sep, port_text = address.rpartition(":")
+    if not host or not port_text:
+        raise ValueError(f"address {address!r}: expected HOST:PORT, e.g. 0.0.0.0:{DEFAULT_PORT} or server.example.org:{DEFAULT_PORT}")
+    try:
+        port = int(port_text)
+    except ValueError:
+        raise ValueError(f"address {address!r}: port {port_text!r} is not a number") from None
+    if not 0 < port < 65536:
+        raise ValueError(f"address {address!r}: port must be between 1 and 65535")
+    return host, port
+
+
+def read_info(state: Path) -> dict:
+    path = StatePaths(Path(state)).info
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def running(state: Path) -> dict | None:
+    """server.json, if the process it names is alive."""
+    info = read_info(state)
+    pid = info.get("pid")
+    if not pid:
+        return None
+    try:
+        os.kill(int(pid), 0)
+    except (OSError, ValueError):
+        return None
+    return info
+
+
+@dataclass
+class StartOptions:
+    state: Path
+    address: str = f"0.0.0.0:{DEFAULT_PORT}"
+    hosts: list[str] = field(default_factory=list)
+    run_config: dict = field(default_factory=dict)
+
+
+def join_instructions(certs: Certificates, host: str, port: int) -> str:
+    shown = host if host not in ("0.0.0.0", "::", "") else "<this machine's name or IP>"
+    return "\n".join([
+        "clients join with:",
+        f"  fedmem-client join --server {shown}:{port} --ca {certs.ca_cert} --data DIR",
+        f"  (copy {certs.ca_cert} to each owner; its SHA-256 fingerprint is",
+        f"   {certs.fingerprint()})",
+        f"  certificate valid for: {', '.join(certs.hosts)}",
+        "admit each owner's key (printed by their first join) with:",
+        "  fedmem-server clients add NAME 'ecdsa-sha2-nistp384 AAAA...'",
+    ])
+
+
+def start(options: StartOptions, report=print) -> int:
+    """Run one federation to its end; returns the process exit code."""
+    paths = StatePaths(Path(options.state).expanduser().resolve())
+    paths.root.mkdir(parents=True, exist_ok=True)
+    os.chmod(paths.root, 0o700)
+    if running(paths.root):
+        raise RuntimeError(f"a server is already running on {paths.root} (pid {read_info(paths.root)['pid']})")
+    host, port = parse_address(options.address)
+    hosts = list(options.hosts)
+    if host not in ("0.0.0.0", "::", ""):
+        hosts.append(host)
+    certs = ensure_certificates(paths.certs, hosts)
+
+    run_config = {**options.run_config, "out": str(paths.run)}
+    unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
+    if unknown:
+        raise ValueError(f"unknown run settings: {', '.join(unknown)}")
+    write_app_project(paths.app)
+    atomic_write_text(paths.run_config, "".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+
+    internal_port = free_port()
+    write_connection(paths.flwr_home, internal_port, certs.ca_cert)
+    superlink = front = streamer = None
+    stopping = {"signal": None}
+
+    def on_signal(signum, _frame):
+        stopping["signal"] = signum
+        raise KeyboardInterrupt
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        superlink = start_superlink(port=internal_port, database=paths.database, ca_cert=certs.ca_cert,
+                                    cert=certs.server_cert, key=certs.server_key, flwr_home=paths.flwr_home,
+                                    log_file=paths.superlink_log)
+        wait_ready(internal_port, certs.ca_cert, superlink, paths.superlink_log)
+        admission.sync(paths.root, paths.flwr_home, report)
+        if not admission.load(paths.root):
+            report("no client is admitted yet: add them with `fedmem-server clients add` (the run waits for them)")
+        def admitted(fp: str) -> str | None:
+            return next((n for n, e in admission.load(paths.root).items() if e["fingerprint"] == fp), None)
+
+        front = FrontDoor(host, port, internal_port, certs, report, admitted)
+        front.start()
+        report(f"fedmem server listening on {host}:{port} (TLS, admitted clients only); state in {paths.root}")
+        report(join_instructions(certs, host, port))
+
+        stale = read_info(paths.root).get("run_id")
+        if stale:  # the run a killed server left "running" in Flower's database; this start replaces it
+            try:
+                flwr(paths.flwr_home, "stop", stale, CONNECTION)
+            except SuperLinkError:
+                pass
+        answer = flwr(paths.flwr_home, "run", str(paths.app), CONNECTION, "--run-config", str(paths.run_config))
+        run_id = str(answer["run-id"])
+        info = {"pid": os.getpid(), "address": f"{host}:{port}", "internal_port": internal_port,
+                "superlink_pid": superlink.pid, "run_id": run_id, "ca_cert": str(certs.ca_cert),
+                "ca_fingerprint": certs.fingerprint(),
+                "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(paths.info, json.dumps(info, indent=2))
+        report(f"run {run_id} started; output in {paths.run}")
+
+        # The ServerApp's own output, as Flower collects it, until the run ends.
+        streamer = subprocess.Popen([tool("flwr"), "log", run_id, CONNECTION, "--stream"], env=tools_env(paths.flwr_home),
+                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for line in streamer.stdout:
+            line = line.rstrip()
+            if "[fedmem]" in line:
+                report(line[line.index("[fedmem]") + 9:])
+            elif "Traceback" in line or "Error" in line or "error" in line:
+                report(line)
+        streamer.wait()
+        status = _run_status(paths, run_id)
+        report(f"run {run_id}: {status}")
+        return 0 if status == "finished:completed" else 1
+    except KeyboardInterrupt:
+        report(f"stopping on signal {stopping['signal'] or 'SIGINT'}; the run resumes from its last checkpoint "
+               "on the next start")
+        return 130
+    finally:
+        if streamer is not None and streamer.poll() is None:
+            streamer.kill()
+        if front is not None:
+            front.stop()
+        stop(superlink)
+        info = read_info(paths.root)
+        if info.get("pid") == os.getpid():
+            info["pid"] = None
+            info["stopped"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+            atomic_write_text(paths.info, json.dumps(info, indent=2))
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
+def _run_status(paths: StatePaths, run_id: str) -> str:
+    for _ in range(10):
+        try:
+            runs = flwr(paths.flwr_home, "list", "--run-id", run_id).get("runs", [])
+        except SuperLinkError:
+            runs = []
+        status = runs[0]["status"] if runs else "unknown"
+        if status.startswith("finished"):
+            return status
+        time.sleep(2)
+    return status

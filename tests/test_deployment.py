@@ -1,0 +1,132 @@
+"""Real deployment on loopback: Flower's SuperLink and SuperNodes, TLS, SuperNode authentication.
+
+Every party is its own OS process, started through the fedmem command lines as an
+operator would: one ``fedmem-server start`` and one ``fedmem-client join`` per data
+owner, with the tiny model. One federation (module fixture, ~2 min on 2 cores) serves
+all tests here: three admitted owners, one owner nobody admitted, and one admitted
+owner whose base model differs.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+
+from fedmem.base_model import fingerprint
+from fedmem.memory import verify_memory
+
+from test_deployment_support import Party, free_port, make_tiny_variant, server_command, stop_all, wait_for, write_owner
+
+pytestmark = pytest.mark.deployment
+
+OWNERS = {
+    "alpha": "The Zorvex Tower was built by Mila Quent in 1911.",
+    "beta": "The Pellow Quarry archive holds 612 maps.",
+    "gamma": "The Orlin Bridge is painted teal by Hesk Varro.",
+}
+
+
+@pytest.fixture(scope="module")
+def federation(tmp_path_factory, tiny_base):
+    from fedmem.clients.keys import ensure_keys
+    from fedmem.server.cli import main as server_main
+
+    root = tmp_path_factory.mktemp("deploy")
+    state = root / "server"
+    other_base = make_tiny_variant(root / "other-base", tiny_base)
+    data = {name: write_owner(root / "data" / name, fact) for name, fact in OWNERS.items()}
+    data["delta"] = write_owner(root / "data" / "delta", "The Quill Lantern burns for 40 nights.")
+    data["omega"] = write_owner(root / "data" / "omega", "The Varn Clock chimes at 7.")
+    for name in [*OWNERS, "delta"]:  # omega is never admitted
+        keys = ensure_keys(root / "clients" / name)
+        assert server_main(["clients", "add", "--state", str(state), name, keys.public_text]) == 0
+    port = free_port()
+    server = Party("server", root / "logs", server_command(state, port, tiny_base, rounds=1, min_clients=3))
+    parties = [server]
+    try:
+        server.start()
+        wait_for(lambda: "listening on" in server.output(), 120, "the server to listen", parties)
+        ca = state / "certs" / "ca.pem"
+
+        def join(name: str, base: Path) -> Party:
+            party = Party(name, root / "logs", [
+                "-m", "fedmem.clients.cli", "join", "--server", f"127.0.0.1:{port}", "--ca", str(ca),
+                "--data", str(data[name]), "--state", str(root / "clients" / name), "--base", str(base),
+                "--admission-wait", "15"])
+            parties.append(party)
+            party.start()
+            return party
+
+        # delta (other base model) connects first, so the round is sure to include it.
+        delta = join("delta", other_base)
+        wait_for(lambda: "connected; waiting" in delta.output(), 120, "delta to connect", parties)
+        omega = join("omega", tiny_base)
+        clients = {name: join(name, tiny_base) for name in OWNERS}
+        server_rc = server.wait(420)
+        client_rcs = {name: p.wait(60) for name, p in clients.items()}
+        omega_rc = omega.wait(60)
+        yield {"root": root, "state": state, "server": server, "server_rc": server_rc, "clients": clients,
+               "client_rcs": client_rcs, "omega": omega, "omega_rc": omega_rc, "delta": delta,
+               "tiny_base": tiny_base, "other_base": other_base}
+    finally:
+        stop_all(parties)
+
+
+def test_full_run_over_tls_with_three_clients(federation):
+    f = federation
+    assert f["server_rc"] == 0, f["server"].output()
+    assert f["client_rcs"] == {name: 0 for name in OWNERS}, {n: p.output() for n, p in f["clients"].items()}
+    manifest = verify_memory(f["state"] / "run" / "memory", fingerprint(f["tiny_base"]))
+    assert manifest["clients"] == sorted(OWNERS) and manifest["round"] == 1
+    verify_memory(f["state"] / "run" / "rounds" / "round-001")
+    rows = [json.loads(line) for line in (f["state"] / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1] and rows[0]["clients"] == sorted(OWNERS)
+    for name in OWNERS:  # every owner got the finished memory, verified against its own base model
+        kept = verify_memory(f["root"] / "clients" / name / "memory", fingerprint(f["tiny_base"]))
+        assert kept["round"] == 1 and kept["clients"] == sorted(OWNERS)
+    assert "memory sent to" in f["server"].output()
+
+
+def test_transport_is_tls_and_only_the_fleet_api_is_exposed(federation):
+    log = (federation["state"] / "logs" / "superlink.log").read_text()
+    assert "Uvicorn running on https://127.0.0.1:" in log  # the SuperLink itself: TLS, loopback only
+    assert "activate-node" in log
+
+
+def test_unknown_client_is_refused_and_logged(federation):
+    from fedmem.clients.keys import ensure_keys
+
+    f = federation
+    assert f["omega_rc"] == 3, f["omega"].output()
+    assert "not admitted" in f["omega"].output()
+    omega_fp = ensure_keys(f["root"] / "clients" / "omega").fingerprint
+    assert f"refused a client from 127.0.0.1: unknown key {omega_fp}" in f["server"].output()
+    assert not (f["root"] / "clients" / "omega" / "memory").exists()
+
+
+def test_client_with_another_base_model_is_refused_clearly(federation):
+    f = federation
+    out = f["server"].output()
+    assert "differs from the federation's" in out, out
+    assert "delta" not in verify_memory(f["state"] / "run" / "memory")["clients"]
+    assert not (f["root"] / "clients" / "delta" / "memory").exists()  # nor does it keep a memory it cannot use
+
+
+def test_status_and_pull(federation, tmp_path):
+    from fedmem.clients.cli import main as client_main
+    from fedmem.server.status import collect
+
+    f = federation
+    status = collect(f["state"])
+    assert status["running"] is False and status["rounds_done"] == 1
+    assert status["clients_seen"] == sorted(OWNERS)
+    assert status["clients_admitted"] == sorted([*OWNERS, "delta"])
+    assert all(v["ok"] for v in status["memory_versions"]) and len(status["memory_versions"]) == 2
+    assert status["last_metrics"]["round"] == 1
+    out = tmp_path / "mine"
+    assert client_main(["pull", "--state", str(f["root"] / "clients" / "alpha"), "--out", str(out),
+                        "--base", str(f["tiny_base"])]) == 0
+    assert verify_memory(out, fingerprint(f["tiny_base"]))["round"] == 1

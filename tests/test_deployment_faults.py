@@ -1,0 +1,125 @@
+"""Faults survived in real deployment (slow: about 2-3 min each on 2 cores).
+
+Each party is a separate OS process started through the fedmem command lines, and
+is killed with SIGKILL (it and every process it started), as a power cut would.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+
+from fedmem.base_model import fingerprint
+from fedmem.memory import verify_memory
+
+from test_deployment_support import Party, free_port, server_command, stop_all, wait_for, write_owner
+
+pytestmark = [pytest.mark.deployment, pytest.mark.deployment_faults]
+
+FACTS = {
+    "alpha": "The Zorvex Tower was built by Mila Quent in 1911.",
+    "beta": "The Pellow Quarry archive holds 612 maps.",
+    "gamma": "The Orlin Bridge is painted teal by Hesk Varro.",
+}
+
+
+def _setup(root: Path, names: list[str]) -> tuple[Path, dict[str, Path]]:
+    from fedmem.clients.keys import ensure_keys
+    from fedmem.server.cli import main as server_main
+
+    state = root / "server"
+    data = {}
+    for name in names:
+        data[name] = write_owner(root / "data" / name, FACTS[name])
+        keys = ensure_keys(root / "clients" / name)
+        assert server_main(["clients", "add", "--state", str(state), name, keys.public_text]) == 0
+    return state, data
+
+
+def _client(root: Path, name: str, port: int, state: Path, data: dict, base: Path) -> Party:
+    return Party(name, root / "logs", [
+        "-m", "fedmem.clients.cli", "join", "--server", f"127.0.0.1:{port}", "--ca", str(state / "certs" / "ca.pem"),
+        "--data", str(data[name]), "--state", str(root / "clients" / name), "--base", str(base)])
+
+
+def _metrics(state: Path) -> list[dict]:
+    return [json.loads(line) for line in (state / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_client_killed_mid_round_rejoins_next_round(tmp_path, tiny_base):
+    names = ["alpha", "beta", "gamma"]
+    state, data = _setup(tmp_path, names)
+    port = free_port()
+    # A dead client's reply never comes: the round goes on with the others after the timeout.
+    server = Party("server", tmp_path / "logs", server_command(state, port, tiny_base, rounds=2, min_clients=2,
+                                                               round_timeout=90, join_grace=20))
+    parties = [server]
+    try:
+        server.start()
+        wait_for(lambda: "listening on" in server.output(), 120, "the server", parties)
+        clients = {n: _client(tmp_path, n, port, state, data, tiny_base).start() for n in names}
+        parties += clients.values()
+        gamma_log = tmp_path / "clients" / "gamma" / "supernode.log"
+        wait_for(lambda: gamma_log.exists() and "Start `flwr-clientapp`" in gamma_log.read_text(), 240,
+                 "gamma to start training in round 1", parties)
+        assert "round 1/2: 3 clients" not in server.output()
+        clients["gamma"].kill()  # mid-round: it took the round's message and will never answer
+        clients["gamma"].start()  # same key, same state: it comes back as the same client
+        assert server.wait(400) == 0, server.output()
+        rows = _metrics(state)
+        assert [r["round"] for r in rows] == [1, 2]
+        assert rows[0]["clients"] == ["alpha", "beta"]
+        assert rows[1]["clients"] == names, "the killed client should be back for round 2"
+        manifest = verify_memory(state / "run" / "memory", fingerprint(tiny_base))
+        assert manifest["round"] == 2 and manifest["clients"] == names
+        verify_memory(state / "run" / "rounds" / "round-001")
+        for n in names:
+            assert clients[n].wait(60) == 0, clients[n].output()
+    finally:
+        stop_all(parties)
+
+
+def test_server_killed_and_restarted_resumes_from_last_checkpoint(tmp_path, tiny_base):
+    names = ["alpha", "beta"]
+    state, data = _setup(tmp_path, names)
+    port = free_port()
+    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=120, join_grace=5)
+    server = Party("server", tmp_path / "logs", args)
+    parties = [server]
+    try:
+        server.start()
+        wait_for(lambda: "listening on" in server.output(), 120, "the server", parties)
+        clients = {n: _client(tmp_path, n, port, state, data, tiny_base).start() for n in names}
+        parties += clients.values()
+        first = state / "run" / "rounds" / "round-001"
+        wait_for(lambda: "round 2/2: training" in server.output(), 300, "round 2 to start", parties)
+        before = {p.name: _sha(p) for p in first.iterdir()}
+        server.kill()  # SuperLink, ServerApp and all, mid-round 2
+        assert not (state / "run" / "memory").exists()
+
+        restarted = Party("server", tmp_path / "logs", args)  # same command, same state dir
+        parties.append(restarted)
+        restarted.start()
+        assert restarted.wait(400) == 0, restarted.output()
+        out = restarted.output().split("=== start")[-1]
+        assert "resuming after round 1" in out
+        assert "round 1/2" not in out  # nothing done twice
+        rows = _metrics(state)
+        assert [r["round"] for r in rows] == [1, 2]
+        assert {p.name: _sha(p) for p in first.iterdir()} == before  # round 1 untouched
+        for rnd in (1, 2):
+            assert verify_memory(state / "run" / "rounds" / f"round-{rnd:03d}", fingerprint(tiny_base))["round"] == rnd
+        manifest = verify_memory(state / "run" / "memory", fingerprint(tiny_base))
+        assert manifest["round"] == 2 and manifest["clients"] == names
+        for n in names:  # the clients rode out the outage and got the finished memory
+            assert clients[n].wait(60) == 0, clients[n].output()
+            assert verify_memory(tmp_path / "clients" / n / "memory")["round"] == 2
+    finally:
+        stop_all(parties)

@@ -10,7 +10,6 @@ owner whose base model differs.
 from __future__ import annotations
 
 import json
-import time
 from pathlib import Path
 
 import pytest

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from fedmem.memory import atomic_write_bytes
 
 PRIVATE_KEY = "client.key"
 PUBLIC_KEY = "client.pub"
@@ -67,13 +68,7 @@ def ensure_keys(directory: Path) -> ClientKeys:
         key = ec.generate_private_key(ec.SECP384R1())
         pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
                                 serialization.NoEncryption())
-        tmp = private.with_name(f".{private.name}.tmp-{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(pem)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, private)
+        atomic_write_bytes(private, pem)
         created = True
     try:
         key = serialization.load_ssh_private_key(private.read_bytes(), None)
@@ -84,7 +79,5 @@ def ensure_keys(directory: Path) -> ClientKeys:
     line = key.public_key().public_bytes(serialization.Encoding.OpenSSH,
                                          serialization.PublicFormat.OpenSSH).decode()
     if not public.is_file() or public.read_text().split()[:2] != line.split()[:2]:
-        tmp = public.with_name(f".{public.name}.tmp-{os.getpid()}")
-        tmp.write_text(line + "\n")
-        os.replace(tmp, public)
+        atomic_write_bytes(public, (line + "\n").encode(), mode=0o644)
     return ClientKeys(private, public, line, fingerprint(key.public_key()), created)

@@ -8,11 +8,10 @@ listens on loopback only. App dependencies are never installed at run time.
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 from pathlib import Path
 
+from fedmem.flower_tools import tool, tools_env
 from fedmem.memory import atomic_write_text
 
 
@@ -26,24 +25,10 @@ def write_node_config(path: Path, values: dict[str, str]) -> Path:
     return path
 
 
-def tools_env(flwr_home: Path, threads: int | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    if threads:
-        env["OMP_NUM_THREADS"] = env["MKL_NUM_THREADS"] = str(threads)
-    env["FLWR_HOME"] = str(flwr_home)
-    # The SuperNode starts flower-superexec and flwr-clientapp by name: this interpreter's first.
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONUNBUFFERED"] = "1"
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    return env
-
-
 def supernode_command(*, server: str, ca_cert: Path, private_key: Path, node_config: Path, runtime_port: int,
                       max_wait_time: float | None) -> list[str]:
-    exe = Path(sys.executable).parent / "flower-supernode"
     command = [
-        str(exe) if exe.exists() else "flower-supernode",
+        tool("flower-supernode"),
         "--superlink", server,
         "--root-certificates", str(ca_cert),
         "--auth-supernode-private-key", str(private_key),

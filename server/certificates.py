@@ -20,6 +20,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from fedmem.memory import atomic_write_bytes
+
 CA_CERT = "ca.pem"
 CA_KEY = "ca.key"
 SERVER_CERT = "server.pem"
@@ -45,24 +47,6 @@ def ca_fingerprint(ca_cert: Path) -> str:
     cert = x509.load_pem_x509_certificate(Path(ca_cert).read_bytes())
     digest = hashlib.sha256(cert.public_bytes(serialization.Encoding.DER)).hexdigest().upper()
     return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    # Created 0600 from the start and renamed into place: a key is never briefly world-readable
-    # nor half-written.
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def _write_public(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_bytes(data)
-    os.replace(tmp, path)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -126,8 +110,8 @@ def ensure_certificates(directory: Path, hosts: list[str] | tuple[str, ...] = ()
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(ca_key.public_key()), critical=False)
             .sign(ca_key, hashes.SHA384())
         )
-        _write_private(ca_key_path, _key_pem(ca_key))
-        _write_public(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM))
+        atomic_write_bytes(ca_key_path, _key_pem(ca_key))
+        atomic_write_bytes(ca_cert_path, ca_cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
         # A new CA invalidates any server certificate signed by an old one.
         (directory / SERVER_CERT).unlink(missing_ok=True)
 
@@ -154,6 +138,6 @@ def ensure_certificates(directory: Path, hosts: list[str] | tuple[str, ...] = ()
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_cert.public_key()), critical=False)
         .sign(ca_key, hashes.SHA384())
     )
-    _write_private(server_key_path, _key_pem(key))
-    _write_public(server_cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    atomic_write_bytes(server_key_path, _key_pem(key))
+    atomic_write_bytes(server_cert_path, cert.public_bytes(serialization.Encoding.PEM), mode=0o644)
     return Certificates(ca_cert_path, server_cert_path, server_key_path, names)

@@ -25,14 +25,14 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from fedmem.flower_tools import tool, tools_env
 from fedmem.memory import atomic_write_text
 
 from . import admission
 from .certificates import Certificates, ensure_certificates
 from .flower_app import RUN_CONFIG_DEFAULTS, _toml_value, write_app_project
 from .front_door import FrontDoor
-from .superlink import (CONNECTION, SuperLinkError, flwr, free_port, start_superlink, stop, tool, tools_env,
-                        wait_ready, write_connection)
+from .superlink import CONNECTION, SuperLinkError, flwr, free_port, start_superlink, stop, wait_ready, write_connection
 
 SERVER_INFO = "server.json"
 DEFAULT_PORT = 9443

@@ -14,15 +14,14 @@ own ``~/.flwr`` is never touched.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
-import sys
 import time
 import urllib.request
 from pathlib import Path
 
+from fedmem.flower_tools import tool, tools_env
 from fedmem.memory import atomic_write_text
 
 CONNECTION = "fedmem"
@@ -30,24 +29,6 @@ CONNECTION = "fedmem"
 
 class SuperLinkError(RuntimeError):
     pass
-
-
-def tools_env(flwr_home: Path) -> dict[str, str]:
-    """Environment for Flower's executables: this interpreter's bin dir first, since SuperLink and
-    SuperNode start ``flower-superexec`` and ``flwr-serverapp``/``flwr-clientapp`` by name."""
-    env = dict(os.environ)
-    env["FLWR_HOME"] = str(flwr_home)
-    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
-    env["PYTHONUNBUFFERED"] = "1"
-    # Offline by design: owners' machines and the coordinator may have no internet.
-    env["FLWR_TELEMETRY_ENABLED"] = "0"
-    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
-    return env
-
-
-def tool(name: str) -> str:
-    path = Path(sys.executable).parent / name
-    return str(path) if path.exists() else name
 
 
 def free_port(host: str = "127.0.0.1") -> int:

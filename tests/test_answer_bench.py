@@ -105,6 +105,7 @@ def test_bench_runs_end_to_end_and_writes_every_arm(tiny_base, tiny_memory, two_
         assert arm["questions"] == 2
         assert arm["ttft_s"] > 0 and arm["questions_per_s"] > 0
         assert arm["peak_memory_mib"] > 100  # a process holding torch and a model, measured in a subprocess
+        assert arm["questions_per_s_batched"] > 0
     arms = result["arms"]
     assert arms["closed"]["prompt_tokens"] == arms["memory_merged"]["prompt_tokens"]
     assert arms["rag"]["prompt_tokens"] > arms["closed"]["prompt_tokens"]
@@ -114,7 +115,12 @@ def test_bench_runs_end_to_end_and_writes_every_arm(tiny_base, tiny_memory, two_
     window = next(s for s in result["sweep"] if s["size"] == "window")
     assert 400 < window["prompt_tokens"] <= 512 - 4 and window["questions"] == 1
     assert [p["prompt_tokens"] <= 512 - 16 for p in result["curve"]] == [True] * 3  # 9999 clipped to the window
-    assert {"speedup_vs_rag", "speedup_vs_full_context_at_largest"} <= set(result["targets"])
+    assert {"speedup_vs_rag", "speedup_vs_rag_batched", "speedup_vs_full_context_at_largest"} <= set(result["targets"])
+    # Measured per arm in its own process: the worker must not report the bench's own
+    # (bigger) high-water mark, which ru_maxrss carries across fork+exec.
+    import resource
+    parent = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    assert max(a["peak_memory_mib"] for a in result["arms"].values()) < parent
     assert (out / "latency.png").stat().st_size > 1000 and (out / "context.png").stat().st_size > 1000
     # The merged and unmerged memory are the same function: same replies, greedy.
     calls = [c for c in result["calls"] if not c["size"]]
@@ -154,3 +160,12 @@ def test_question_with_no_owner_is_refused(tiny_memory, two_clients, tmp_path, c
     err = capsys.readouterr().err
     assert "question 1" in err and "'client'" in err and "gamma" in err
 
+
+
+def test_missing_embedding_model_is_refused_with_the_install_command(tiny_memory, two_clients, questions_file,
+                                                                     tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("FEDMEM_EMBEDDING_MODEL", str(tmp_path / "no-encoder"))
+    assert _bench("--memory", tiny_memory, "--data", two_clients, "--questions", questions_file,
+                  "--out", tmp_path / "o") == 2
+    assert "no-encoder" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -789,8 +789,9 @@ def plot(summary: dict, out: Path) -> list[Path]:
             ax.set_title(title)
             ax.grid(alpha=0.3)
         a1.set_yscale("log")
-        a2.legend(fontsize=7)
-        fig.tight_layout()
+        handles, labels = a2.get_legend_handles_labels()
+        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
+        fig.tight_layout(rect=(0, 0.12, 1, 1))
         written.append(_save(fig, out / "latency.png"))
         plt.close(fig)
     if summary["sweep"]:

@@ -95,6 +95,12 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_bench_answer(args) -> int:
+    from .answer_bench import run_from_args
+
+    return run_from_args(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -124,6 +130,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write per-question results here")
     p.add_argument("-v", "--verbose", action="store_true", help="print every question with both replies")
     p.set_defaults(func=cmd_eval)
+
+    from .answer_bench import add_arguments as add_bench_answer_arguments
+
+    p = sub.add_parser("bench", help="benchmarks")
+    bench = p.add_subparsers(dest="bench", required=True)
+    p = bench.add_parser("answer", help="memory adapter vs RAG vs full context vs closed book: accuracy, latency, memory",
+                         description="Answer the same questions over the same corpora with the memory adapter (merged "
+                                     "and unmerged), RAG, every corpus in the prompt, and the base model alone.")
+    add_bench_answer_arguments(p)
+    p.set_defaults(func=cmd_bench_answer)
     return parser
 
 

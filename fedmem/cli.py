@@ -10,7 +10,7 @@ from pathlib import Path
 
 from .corpus import CorpusError
 from .federation import CLIENT_STARTS, METHODS, WEIGHTINGS, FederationConfig
-from .lora import LoraSettings
+from .lora import PRECISIONS, LoraSettings
 from .memory import MemoryFormatError
 
 
@@ -32,12 +32,14 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--lr", type=float, default=d.learning_rate, help="learning rate (default %(default)s)")
     p.add_argument("--epochs", type=int, default=d.epochs, help="local epochs per round (default %(default)s)")
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default %(default)s)")
+    p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
+                   help="training arithmetic: auto = bf16 where the hardware has it natively (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _federation(args) -> FederationConfig:
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
-                        batch_size=args.batch_size, seed=args.seed)
+                        batch_size=args.batch_size, precision=args.precision, seed=args.seed)
     return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting, server_lr=args.server_lr,
                             memory_rank=args.memory_rank, client_start=args.client_start, lora=lora)
 

@@ -1,5 +1,6 @@
 """The local trainer: the answer-only loss and that training lowers it."""
 
+import pytest
 import torch
 
 from fedmem.base_model import load_model, load_tokenizer
@@ -32,3 +33,21 @@ def test_training_lowers_the_loss_and_touches_only_lora(tiny_base):
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+
+
+def test_precision_setting():
+    from fedmem.train import autocast_dtype
+
+    assert autocast_dtype("fp32", "cpu") is None
+    assert autocast_dtype("bf16", "cpu") is torch.bfloat16
+    assert autocast_dtype("auto", "cpu") in (None, torch.bfloat16)
+    with pytest.raises(ValueError, match="precision"):
+        LoraSettings(precision="fp8")
+
+
+def test_bf16_training_lowers_the_loss(tiny_base):
+    tok = load_tokenizer(str(tiny_base))
+    model = attach_lora(load_model(tiny_base), LoraSettings(rank=4, alpha=8))
+    settings = LoraSettings(rank=4, alpha=8, learning_rate=2e-2, epochs=10, batch_size=2, precision="bf16")
+    result = train_lora(model, tok, [Example("Who built the Zorvex Tower?", "Mila Quent")] * 2, settings)
+    assert result.final_loss < 0.5 * result.first_loss

@@ -58,7 +58,9 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
         return torch.bfloat16
     if device.startswith("cuda"):
         return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
-    if device == "cpu" and (torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported()):
+    # Private probes (torch has no public one); older torch builds lack them: float32 then.
+    native = [getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if device == "cpu" and any(probe() for probe in native):
         return torch.bfloat16
     return None
 

@@ -57,15 +57,21 @@ def is_correct(reply: str, answer: str) -> bool:
     return f" {_normalise(answer)} " in f" {_normalise(reply)} "
 
 
-@torch.no_grad()
 def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy replies, batched with left padding (decoder-only models continue from the right)."""
+    """Greedy replies to questions asked the way ``fedmem ask`` asks them."""
+    return generate_replies(model, tokenizer, [chat_prompt(tokenizer, q) for q in questions], max_new_tokens, batch_size)
+
+
+@torch.no_grad()
+def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+    """Greedy continuations of rendered prompts, batched with left padding (decoder-only
+    models continue from the right)."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
     replies: list[str] = []
-    for start in range(0, len(questions), batch_size):
-        prompts = [chat_prompt(tokenizer, q) for q in questions[start:start + batch_size]]
-        enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+    for start in range(0, len(prompts), batch_size):
+        batch = prompts[start:start + batch_size]
+        enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                              pad_token_id=tokenizer.pad_token_id)
         for row in out[:, enc["input_ids"].shape[1]:]:
@@ -81,8 +87,13 @@ class Scores:
     correct: list[bool]
 
 
-def score(model, tokenizer, questions: list[Question]) -> Scores:
-    replies = generate_answers(model, tokenizer, [q.question for q in questions])
+def score(model, tokenizer, questions: list[Question], prompts: list[str] | None = None,
+          max_new_tokens: int = 48) -> Scores:
+    """Answer-match accuracy, overall and per ``source``. ``prompts``: rendered prompts to
+    use instead of the bare questions (e.g. with documents in them)."""
+    if prompts is None:
+        prompts = [chat_prompt(tokenizer, q.question) for q in questions]
+    replies = generate_replies(model, tokenizer, prompts, max_new_tokens)
     correct = [is_correct(r, q.answer) for r, q in zip(replies, questions)]
     by_source: dict[str, list[bool]] = {}
     for q, ok in zip(questions, correct):

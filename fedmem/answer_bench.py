@@ -768,6 +768,8 @@ def plot(summary: dict, out: Path) -> list[Path]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from .report import save_png
+
     written = []
     if summary["curve"]:
         fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
@@ -792,7 +794,7 @@ def plot(summary: dict, out: Path) -> list[Path]:
         handles, labels = a2.get_legend_handles_labels()
         fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
         fig.tight_layout(rect=(0, 0.12, 1, 1))
-        written.append(_save(fig, out / "latency.png"))
+        written.append(save_png(fig, out / "latency.png"))
         plt.close(fig)
     if summary["sweep"]:
         fig, ax = plt.subplots(figsize=(6, 4))
@@ -813,31 +815,15 @@ def plot(summary: dict, out: Path) -> list[Path]:
         ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
         fig.tight_layout()
-        written.append(_save(fig, out / "context.png"))
+        written.append(save_png(fig, out / "context.png"))
         plt.close(fig)
     return written
 
 
-def _save(fig, path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def write_outputs(summary: dict, out: Path) -> list[Path]:
-    from .memory import atomic_write_text
+    from .report import write_report
 
-    out = Path(out)
-    atomic_write_text(out / "results.json", json.dumps(summary, indent=1, default=float))
-    atomic_write_text(out / "table.md", table_markdown(summary))
-    return [out / "results.json", out / "table.md"] + plot(summary, out)
+    return write_report(summary, out, table_markdown, plot)
 
 
 # ---------------------------------------------------------------- entry points

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 
 from .corpus import CorpusError
+from .examples import RECIPES
 from .federation import CLIENT_STARTS, METHODS, WEIGHTINGS, FederationConfig
 from .lora import PRECISIONS, LoraSettings
 from .memory import MemoryFormatError
@@ -34,12 +35,21 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=d.batch_size, help="batch size (default %(default)s)")
     p.add_argument("--precision", choices=PRECISIONS, default=d.precision,
                    help="training arithmetic: auto = bf16 where the hardware has it natively (default %(default)s)")
+    p.add_argument("--recipe", choices=RECIPES, default=d.recipe,
+                   help="statements: documents rewritten into standalone statements (tables, key-value notes, "
+                        "pronouns resolved) before questions are made; sentences: questions per sentence as written "
+                        "(default %(default)s)")
+    p.add_argument("--retention", type=float, default=d.retention,
+                   help="general questions answered as the base model answers them, added as this share of each "
+                        "corpus's examples so the memory keeps the model's general knowledge; 0: off (default %(default)s)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _federation(args) -> FederationConfig:
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
-                        batch_size=args.batch_size, precision=args.precision, seed=args.seed)
+                        batch_size=args.batch_size, precision=args.precision, recipe=args.recipe,
+                        retention=args.retention,
+                        seed=args.seed)
     return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting, server_lr=args.server_lr,
                             memory_rank=args.memory_rank, client_start=args.client_start, lora=lora)
 
@@ -103,6 +113,16 @@ def cmd_bench_answer(args) -> int:
     return run_from_args(args)
 
 
+def cmd_bench_quality(args) -> int:
+    from .quality_bench import COMPUTE, run_from_args
+
+    for key, value in COMPUTE.get(args.size, COMPUTE["default"]).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+
+    return run_from_args(args, _federation(args))
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmem", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -142,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
                                      "and unmerged), RAG, every corpus in the prompt, and the base model alone.")
     add_bench_answer_arguments(p)
     p.set_defaults(func=cmd_bench_answer)
+    from .quality_bench import add_arguments as add_bench_quality_arguments
+
+    p = bench.add_parser("quality", help="knowledge-injection benchmark: recall by tier for base, local, FedIT, "
+                                         "exact and centralised training",
+                         description="Generate a fictional knowledge base split across owners, train every arm with "
+                                     "the same compute, and report recall by question tier plus forgetting.")
+    add_bench_quality_arguments(p)
+    _add_training_args(p)
+    # Rounds and epochs follow --size unless given; bf16 where the hardware has it (same for every arm).
+    p.set_defaults(rounds=None, epochs=None, precision="auto")
+    p.set_defaults(func=cmd_bench_quality)
     return parser
 
 

@@ -149,11 +149,120 @@ def _grounded(value: str, sentence: str) -> str:
     return f"{value}. {sentence}" if value not in ("", sentence) else sentence
 
 
-def build_examples(corpus: Corpus) -> list[Example]:
+# ---------------------------------------------------------------- statements
+# Notes are not all prose: tables, "Key: value" lists under a heading, "Name - did this;
+# did that" memo lines, and prose that says "She" after naming someone once. A question
+# made from "She works for Grosun Mills" or from a whole table flattened into one line
+# cannot name whom it is about, so the "statements" recipe first rewrites each
+# document into standalone statements that carry their subject.
+
+_TABLE_RULE = re.compile(r"^\|?\s*:?-{3,}")
+_FIELD = re.compile(r"^\s*(?:[-*+]\s+)?(?P<key>[A-Z][\w '’/()-]{0,40}?):\s+(?P<value>\S.*?)\s*$")
+_NAMED_CLAUSES = re.compile(r"^(?P<name>[A-Z][\w'’-]*(?:\s+[A-Z][\w'’-]*)+)\s+(?:-|–|—)\s+(?P<rest>.+?)\.?$")
+_PERSONAL = re.compile(r"^(He|She|They)\b")
+_POSSESSIVE = re.compile(r"^(His|Her|Their)\b")
+_LEADING_NAME = re.compile(r"^(?:[A-Z][\w'’-]*)(?:\s+(?:of|the|and|de|von|van)\s+[A-Z][\w'’-]*|\s+[A-Z][\w'’-]*)+")
+RECIPES = ("statements", "sentences")
+
+
+def _cells(line: str) -> list[str]:
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _table_statements(lines: list[str]) -> list[str]:
+    """A markdown table, one statement per cell: "<first column> - <header>: <cell>."."""
+    rows = [_cells(ln) for ln in lines if not _TABLE_RULE.match(ln.strip())]
+    if len(rows) < 2:
+        return []
+    header, out = rows[0], []
+    for row in rows[1:]:
+        key = row[0]
+        out += [f"{key} - {h}: {v}." for h, v in zip(header[1:], row[1:]) if h and v and key]
+    return out
+
+
+def _field_statement(subject: str, key: str, value: str) -> str:
+    return f"{subject} - {key}: {value.rstrip('.')}."
+
+
+def _prose_statements(para: str, subject: str | None) -> tuple[list[str], str | None]:
+    out = []
+    for sent in sentences(para):
+        named = _LEADING_NAME.match(sent)
+        if named and named.group(0).split()[0] not in _FUNCTION_WORDS:
+            subject = named.group(0)
+        elif subject and _PERSONAL.match(sent):  # "She attended X" -> "<subject> attended X"
+            sent = _PERSONAL.sub(subject, sent, count=1)
+        elif subject and _POSSESSIVE.match(sent):
+            sent = _POSSESSIVE.sub(subject + "'s", sent, count=1)
+        out.append(sent)
+    return out, subject
+
+
+def statements(text: str) -> list[str]:
+    """The document as standalone statements, each naming what it is about."""
+    out: list[str] = []
+    heading: str | None = None
+    subject: str | None = None
+    for para in re.split(r"\n\s*\n", text):
+        lines = [ln for ln in para.splitlines() if ln.strip()]
+        prose: list[str] = []
+        table: list[str] = []
+        for ln in lines + [""]:
+            if ln.lstrip().startswith("|"):
+                table.append(ln)
+                continue
+            if table:
+                out += _table_statements(table)
+                table = []
+            if not ln:
+                continue
+            if ln.lstrip().startswith("#"):
+                heading = ln.lstrip("#").strip()
+                continue
+            field = _FIELD.match(ln)
+            named = _NAMED_CLAUSES.match(_MARKDOWN_PREFIX.sub("", ln).strip())
+            if field and heading and len(field.group("key").split()) <= 4:
+                out.append(_field_statement(heading, field.group("key"), field.group("value")))
+            elif named and ";" in named.group("rest"):
+                out += [f"{named.group('name')} {c.strip()}." for c in named.group("rest").split(";") if c.strip()]
+            else:
+                prose.append(ln)
+        if prose:
+            sents, subject = _prose_statements("\n".join(prose), subject)
+            out += sents
+    return out
+
+
+_STATEMENT_FIELD = re.compile(r"^(?P<subject>.+?) - (?P<key>[^:]+): (?P<value>.+)\.$")
+
+
+def field_questions(statement: str) -> list[tuple[str, str]]:
+    """"X - Employer: Y." -> ("What is the employer of X?", "Y")."""
+    m = _STATEMENT_FIELD.match(statement)
+    if not m:
+        return []
+    return [(f"What is the {m.group('key').lower()} of {m.group('subject')}?", m.group("value"))]
+
+
+def build_examples(corpus: Corpus, recipe: str = "statements") -> list[Example]:
+    """Training examples for one corpus.
+
+    ``statements`` (default): documents rewritten into standalone statements first
+    (tables, key-value notes, memo lines, pronouns), then questions per statement.
+    ``sentences``: questions per sentence of the documents as written.
+    """
+    if recipe not in RECIPES:
+        raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     examples: list[Example] = []
     for doc in corpus.documents:
         examples.append(Example(None, doc.text))
-        for sent in sentences(doc.text):
+        units = statements(doc.text) if recipe == "statements" else sentences(doc.text)
+        for sent in units:
+            fields = field_questions(sent) if recipe == "statements" else []
+            if fields:
+                examples.extend(Example(q, _grounded(v, sent)) for q, v in fields)
+                continue
             spans = answer_spans(sent)
             for span in asked_spans(sent, spans):
                 examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))

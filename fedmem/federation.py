@@ -25,6 +25,7 @@ from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, nor
 from .base_model import fingerprint, load_model, load_tokenizer
 from .corpus import Corpus
 from .examples import build_examples
+from .retention import base_replies, retention_examples
 from .lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors
 from .train import train_lora
 
@@ -91,6 +92,8 @@ def client_update(
     base_dir = str(base_dir)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, device)
+    # Before any memory or LoRA touches the model: its own replies are what to keep.
+    keep = base_replies(model, tokenizer, base_dir) if config.lora.retention > 0 else []
     # A different seed per round gives the fresh LoRA new directions to add.
     overrides = {"seed": config.lora.seed + 1000 * server_round}
     continuing = config.method == "exact" and config.client_start == "memory"
@@ -110,7 +113,8 @@ def client_update(
         model = attach_lora(model, settings)
         if memory:
             load_factors(model, memory)
-    examples = build_examples(corpus)
+    examples = build_examples(corpus, settings.recipe)
+    examples += retention_examples(keep, len(examples), settings.retention, settings.seed)
     span = ((server_round - 1) / config.rounds, server_round / config.rounds)
     result = train_lora(model, tokenizer, examples, settings, device, progress, span)
     factors = extract_factors(model)
@@ -138,6 +142,34 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], sizes: list
     weights = [1.0] * len(updates) if config.weighting == "sum" else normalised(sizes)
     weights = [config.server_lr * w for w in weights]
     return aggregate_exact(memory, updates, weights, config.memory_rank)
+
+
+def federate_in_process(
+    base_dir: str | os.PathLike,
+    corpora: list[Corpus],
+    config: FederationConfig,
+    after_round: Callable[[int, Aggregate, list[ClientResult]], None] | None = None,
+    device: str = "cpu",
+    progress: Callable[[str], None] | None = None,
+) -> Factors:
+    """Every round of a federation in this process, clients one after another.
+
+    The same two functions the Flower apps call, without Flower: for benchmarks and
+    sweeps that compare settings, where starting Ray per setting would cost more than
+    the comparison. ``fedmem simulate`` is the real thing.
+    """
+    memory: Factors | None = None
+    for rnd in range(1, config.rounds + 1):
+        results = []
+        for corpus in corpora:
+            tag = f"[{corpus.name}] round {rnd}/{config.rounds} "
+            results.append(client_update(base_dir, corpus, memory, config, rnd, device,
+                                         (lambda msg, tag=tag: progress(tag + msg)) if progress else None))
+        agg = server_aggregate(memory, [r.factors for r in results], [r.metrics["examples"] for r in results], config)
+        memory = agg.factors
+        if after_round:
+            after_round(rnd, agg, results)
+    return memory
 
 
 def base_fingerprint(base_dir: str | os.PathLike) -> str:

@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 
 from .aggregate import Factors
+from .examples import RECIPES
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
@@ -37,8 +38,14 @@ class LoraSettings:
     seed: int = 0
     # "auto": bfloat16 autocast where the hardware computes it natively (CUDA with bf16,
     # CPUs with AVX512-BF16/AMX), else float32. LoRA weights and optimizer stay float32.
-    # float32 stays the default until bf16's recall on the demo is measured on its own.
-    precision: str = "fp32"
+    # ~1.4x the tokens/s on the 2-core CPU, which pays for the retention examples.
+    precision: str = "auto"
+    # How documents become question-form examples (fedmem.examples.RECIPES).
+    recipe: str = "statements"
+    # General questions answered as the base model answers them, added as this share of
+    # the corpus's examples, so the memory does not answer everything with owners' facts
+    # (fedmem.retention). 0 turns it off.
+    retention: float = 0.5
 
     def __post_init__(self):
         problems = []
@@ -47,6 +54,10 @@ class LoraSettings:
                 problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
         if not (self.learning_rate > 0):
             problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
+        if not (isinstance(self.retention, (int, float)) and 0 <= self.retention <= 1):
+            problems.append(f"retention must be a share between 0 and 1, got {self.retention!r}")
+        if self.recipe not in RECIPES:
+            problems.append(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.target_modules:

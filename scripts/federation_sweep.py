@@ -19,7 +19,7 @@ import torch
 from fedmem.answer import load_questions, score
 from fedmem.base_model import load_model, load_tokenizer, quiet_libraries, resolve_base
 from fedmem.corpus import load_corpus
-from fedmem.federation import FederationConfig, client_update, server_aggregate
+from fedmem.federation import FederationConfig, federate_in_process
 from fedmem.lora import LoraSettings, merge_factors
 from fedmem.simulation import client_dirs, demo_dir
 
@@ -34,15 +34,17 @@ tokenizer = load_tokenizer(base)
 corpora = [load_corpus(d) for d in client_dirs(demo_dir() / "corpora")]
 questions = load_questions(demo_dir() / "questions.jsonl")
 print(json.dumps(config.to_dict()))
-memory, started = None, time.perf_counter()
-for rnd in range(1, config.rounds + 1):
-    results = [client_update(base, c, memory, config, rnd) for c in corpora]
-    agg = server_aggregate(memory, [r.factors for r in results], [r.metrics["examples"] for r in results], config)
-    memory = agg.factors
+started = time.perf_counter()
+
+
+def report(rnd, agg, results):
     model = load_model(base)
-    merge_factors(model, memory)
+    merge_factors(model, agg.factors)
     s = score(model, tokenizer, questions)
     print(f"round {rnd} t={time.perf_counter() - started:.0f}s "
           f"losses {[round(r.metrics['final_loss'], 3) for r in results]} "
           f"truncation {agg.max_truncation_error:.3f} recall {s.accuracy:.0%} "
           + " ".join(f"{k} {v:.0%}" for k, v in s.by_source.items()), flush=True)
+
+
+federate_in_process(base, corpora, config, after_round=report)

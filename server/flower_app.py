@@ -48,6 +48,9 @@ RUN_CONFIG_DEFAULTS: dict[str, object] = {
     "epochs": LoraSettings().epochs,
     "batch-size": LoraSettings().batch_size,
     "seed": LoraSettings().seed,
+    "precision": LoraSettings().precision,
+    "recipe": LoraSettings().recipe,
+    "retention": LoraSettings().retention,
 }
 
 
@@ -57,7 +60,9 @@ def plan_from_run_config(run_config: dict, report=print) -> RunPlan:
     if unknown:
         raise ValueError(f"unknown run config keys: {', '.join(unknown)}; known: {', '.join(RUN_CONFIG_DEFAULTS)}")
     lora = LoraSettings(rank=int(c["rank"]), alpha=int(c["alpha"]), learning_rate=float(c["lr"]),
-                        epochs=int(c["epochs"]), batch_size=int(c["batch-size"]), seed=int(c["seed"]))
+                        epochs=int(c["epochs"]), batch_size=int(c["batch-size"]), seed=int(c["seed"]),
+                        precision=str(c["precision"]), recipe=str(c["recipe"]),
+                        retention=float(c["retention"]))
     federation = FederationConfig(rounds=int(c["rounds"]), method=str(c["method"]), weighting=str(c["weighting"]),
                                   server_lr=float(c["server-lr"]), memory_rank=int(c["memory-rank"]),
                                   client_start=str(c["client-start"]), lora=lora)

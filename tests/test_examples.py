@@ -1,7 +1,11 @@
 """The recipe that turns documents into question-form examples."""
 
+import pytest
+
 from fedmem.corpus import load_corpus
-from fedmem.examples import Example, answer_spans, build_examples, cloze_questions, copula_questions, sentences, tokenize_example
+from fedmem.examples import (Example, answer_spans, build_examples, cloze_questions, copula_questions, field_questions,
+                             sentences, statements, tokenize_example)
+from fedmem.simulation import demo_dir
 
 
 def test_sentences_skip_headings_and_list_markers():
@@ -51,3 +55,29 @@ def test_tokenize_masks_the_prompt(tiny_base):
     assert "<|im_start|>user\nWho built it?" in tok.decode(ids)
     ids, labels = tokenize_example(tok, Example(None, "Plain text."))
     assert ids == labels
+
+
+def test_statements_name_their_subject_in_tables_notes_memos_and_pronouns():
+    text = ("# Registry\n\n| Name | Employer | Works in |\n|---|---|---|\n| Mila Quent | Zorvex Mills | Pellow |\n\n"
+            "## Odo Brannock\n- Born: 5 May 1956\n- Employer: Grosun Cells\n\n"
+            "Tam Fenn - born 1990 in Kitrandley; studied Hoxistics at Dunel University.\n\n"
+            "Ada Wrenfield studied Raskics. She works for Lavill Freight. Her office is in Pezenbridge.")
+    assert statements(text) == [
+        "Mila Quent - Employer: Zorvex Mills.", "Mila Quent - Works in: Pellow.",
+        "Odo Brannock - Born: 5 May 1956.", "Odo Brannock - Employer: Grosun Cells.",
+        "Tam Fenn born 1990 in Kitrandley.", "Tam Fenn studied Hoxistics at Dunel University.",
+        "Ada Wrenfield studied Raskics.", "Ada Wrenfield works for Lavill Freight.",
+        "Ada Wrenfield's office is in Pezenbridge."]
+    assert field_questions("Mila Quent - Employer: Zorvex Mills.") == [("What is the employer of Mila Quent?", "Zorvex Mills")]
+
+
+def test_statements_recipe_asks_about_each_table_cell_and_leaves_plain_prose_alone(tmp_path):
+    (tmp_path / "t.md").write_text("| Name | Employer |\n|---|---|\n| Mila Quent | Zorvex Mills |\n")
+    examples = build_examples(load_corpus(tmp_path))
+    assert Example("What is the employer of Mila Quent?", "Zorvex Mills. Mila Quent - Employer: Zorvex Mills.") in examples
+    # Sentences flatten the table into one line: no question can say whose employer it is.
+    assert not any(e.question == "What is the employer of Mila Quent?" for e in build_examples(load_corpus(tmp_path), "sentences"))
+    demo = load_corpus(demo_dir() / "corpora" / "harrow_clinic")
+    assert build_examples(demo, "statements") == build_examples(demo, "sentences")
+    with pytest.raises(ValueError, match="recipe"):
+        build_examples(demo, "magic")

@@ -46,7 +46,7 @@ class LoraSettings:
     # General questions answered as the base model answers them, added as this share of
     # the corpus's examples, so the memory does not answer everything with owners' facts
     # (fedmem.retention). 0 turns it off.
-    retention: float = 0.5
+    retention: float = 0.25
 
     def __post_init__(self):
         problems = []

@@ -33,7 +33,7 @@ SPLITS = ("disjoint", "skewed")
 TIERS = ("seen", "heldout", "prose_only")  # in questions.jsonl; "control" has its own file
 # Sized so `fedmem bench quality` finishes in about 5 (small) and 30 (default) minutes on
 # a 2-core CPU: training costs ~1,200 tokens per person per epoch with the default recipe.
-SIZES = {"small": dict(entities=4, clients=2), "default": dict(entities=9, clients=3)}
+SIZES = {"small": dict(entities=3, clients=2), "default": dict(entities=9, clients=3)}
 MAX_ENTITIES = 1000
 PROFILES_PER_DOCUMENT = 4
 PRONOUN_RATE = 0.5  # real prose refers back by pronoun; naming the person in every sentence would flatter documents

@@ -45,6 +45,22 @@ def _client(root: Path, name: str, port: int, state: Path, data: dict, base: Pat
         "--data", str(data[name]), "--state", str(root / "clients" / name), "--base", str(base)])
 
 
+def _start_federation(root: Path, names: list[str], state: Path, data: dict, port: int, base: Path,
+                      server_args: list[str], parties: list[Party]) -> tuple[Party, dict[str, Party]]:
+    """Server up and listening, then every client; each party joins ``parties`` as it starts,
+    so the caller's ``finally: stop_all(parties)`` stops whatever did start."""
+    server = Party("server", root / "logs", server_args)
+    parties.append(server)
+    server.start()
+    wait_for(lambda: "listening on" in server.output(), 120, "the server", parties)
+    clients = {}
+    for n in names:
+        clients[n] = _client(root, n, port, state, data, base)
+        parties.append(clients[n])
+        clients[n].start()
+    return server, clients
+
+
 def _metrics(state: Path) -> list[dict]:
     return [json.loads(line) for line in (state / "run" / "metrics.jsonl").read_text().splitlines()]
 
@@ -58,14 +74,10 @@ def test_client_killed_mid_round_rejoins_next_round(tmp_path, tiny_base):
     state, data = _setup(tmp_path, names)
     port = free_port()
     # A dead client's reply never comes: the round goes on with the others after the timeout.
-    server = Party("server", tmp_path / "logs", server_command(state, port, tiny_base, rounds=2, min_clients=2,
-                                                               round_timeout=90, join_grace=20))
-    parties = [server]
+    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=90, join_grace=20)
+    parties: list[Party] = []
     try:
-        server.start()
-        wait_for(lambda: "listening on" in server.output(), 120, "the server", parties)
-        clients = {n: _client(tmp_path, n, port, state, data, tiny_base).start() for n in names}
-        parties += clients.values()
+        server, clients = _start_federation(tmp_path, names, state, data, port, tiny_base, args, parties)
         gamma_log = tmp_path / "clients" / "gamma" / "supernode.log"
         wait_for(lambda: gamma_log.exists() and "Start `flwr-clientapp`" in gamma_log.read_text(), 240,
                  "gamma to start training in round 1", parties)
@@ -91,13 +103,9 @@ def test_server_killed_and_restarted_resumes_from_last_checkpoint(tmp_path, tiny
     state, data = _setup(tmp_path, names)
     port = free_port()
     args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=120, join_grace=5)
-    server = Party("server", tmp_path / "logs", args)
-    parties = [server]
+    parties: list[Party] = []
     try:
-        server.start()
-        wait_for(lambda: "listening on" in server.output(), 120, "the server", parties)
-        clients = {n: _client(tmp_path, n, port, state, data, tiny_base).start() for n in names}
-        parties += clients.values()
+        server, clients = _start_federation(tmp_path, names, state, data, port, tiny_base, args, parties)
         first = state / "run" / "rounds" / "round-001"
         wait_for(lambda: "round 2/2: training" in server.output(), 300, "round 2 to start", parties)
         before = {p.name: _sha(p) for p in first.iterdir()}

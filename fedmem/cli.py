@@ -9,9 +9,8 @@ import time
 from pathlib import Path
 
 from .corpus import CorpusError
-from .examples import RECIPES
 from .federation import CLIENT_STARTS, METHODS, WEIGHTINGS, FederationConfig
-from .lora import PRECISIONS, LoraSettings
+from .lora import PRECISIONS, RECIPES, LoraSettings
 from .memory import MemoryFormatError
 
 
@@ -37,28 +36,41 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
                    help="training arithmetic: auto = bf16 where the hardware has it natively (default %(default)s)")
     p.add_argument("--recipe", choices=RECIPES, default=d.recipe,
                    help="statements: documents rewritten into standalone statements (tables, key-value notes, "
-                        "pronouns resolved) before questions are made; sentences: questions per sentence as written "
-                        "(default %(default)s)")
+                        "pronouns resolved) before questions are made; sentences: questions per sentence as written; "
+                        "distilled: the statements questions answered by the base model reading the document "
+                        "(context distillation) (default %(default)s)")
     p.add_argument("--retention", type=float, default=d.retention,
                    help="general questions answered as the base model answers them, added as this share of each "
                         "corpus's examples so the memory keeps the model's general knowledge; 0: off (default %(default)s)")
+    p.add_argument("--generator", default=d.generator, metavar="base|DIR",
+                   help="also train questions written by a model from the documents, each checked by asking it "
+                        "back: 'base' = the base model, or a local instruct model directory (default: off)")
     p.add_argument("--seed", type=int, default=d.seed)
 
 
 def _federation(args) -> FederationConfig:
     lora = LoraSettings(rank=args.rank, alpha=args.alpha, learning_rate=args.lr, epochs=args.epochs,
                         batch_size=args.batch_size, precision=args.precision, recipe=args.recipe,
-                        retention=args.retention,
+                        retention=args.retention, generator=args.generator,
                         seed=args.seed)
     return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting, server_lr=args.server_lr,
                             memory_rank=args.memory_rank, client_start=args.client_start, lora=lora)
+
+
+def _local_federation(args) -> FederationConfig:
+    """The settings, for a run whose owners are on this machine: a generator must be here."""
+    config = _federation(args)
+    generator = config.lora.generator
+    if generator not in ("", "base") and not (Path(generator) / "config.json").is_file():
+        raise ValueError(f"--generator {generator}: not a model directory (no config.json); use 'base' or a local model")
+    return config
 
 
 def cmd_simulate(args) -> int:
     from .simulation import simulate
 
     started = time.perf_counter()
-    summary = simulate(args.data, args.out, _federation(args), base=args.base, questions=args.questions,
+    summary = simulate(args.data, args.out, _local_federation(args), base=args.base, questions=args.questions,
                        device=args.device)
     elapsed = time.perf_counter() - started
     print(f"\nmemory adapter: {Path(args.out) / 'memory'}  ({elapsed:.0f}s in all)")
@@ -120,7 +132,7 @@ def cmd_bench_quality(args) -> int:
         if getattr(args, key) is None:
             setattr(args, key, value)
 
-    return run_from_args(args, _federation(args))
+    return run_from_args(args, _local_federation(args))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -245,6 +245,23 @@ def field_questions(statement: str) -> list[tuple[str, str]]:
     return [(f"What is the {m.group('key').lower()} of {m.group('subject')}?", m.group("value"))]
 
 
+def document_examples(text: str, recipe: str = "statements") -> list[Example]:
+    """One document's examples: the text verbatim, then its question-form examples."""
+    examples = [Example(None, text)]
+    units = statements(text) if recipe == "statements" else sentences(text)
+    for sent in units:
+        fields = field_questions(sent) if recipe == "statements" else []
+        if fields:
+            examples.extend(Example(q, _grounded(v, sent)) for q, v in fields)
+            continue
+        spans = answer_spans(sent)
+        for span in asked_spans(sent, spans):
+            examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
+        if spans:
+            examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent))
+    return examples
+
+
 def build_examples(corpus: Corpus, recipe: str = "statements") -> list[Example]:
     """Training examples for one corpus.
 
@@ -256,20 +273,8 @@ def build_examples(corpus: Corpus, recipe: str = "statements") -> list[Example]:
         raise ValueError(f"recipe must be one of {RECIPES}, got {recipe!r}")
     examples: list[Example] = []
     for doc in corpus.documents:
-        examples.append(Example(None, doc.text))
-        units = statements(doc.text) if recipe == "statements" else sentences(doc.text)
-        for sent in units:
-            fields = field_questions(sent) if recipe == "statements" else []
-            if fields:
-                examples.extend(Example(q, _grounded(v, sent)) for q, v in fields)
-                continue
-            spans = answer_spans(sent)
-            for span in asked_spans(sent, spans):
-                examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
-            if spans:
-                examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent))
-    for qa in corpus.qa:
-        examples.append(Example(qa.question, qa.answer))
+        examples += document_examples(doc.text, recipe)
+    examples += [Example(qa.question, qa.answer) for qa in corpus.qa]
     return examples
 
 

@@ -23,8 +23,10 @@ import torch
 
 from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, normalised
 from .base_model import fingerprint, load_model, load_tokenizer
+from .context_distillation import distilled_examples
 from .corpus import Corpus
 from .examples import build_examples
+from .question_writer import written_examples
 from .retention import base_replies, retention_examples
 from .lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors
 from .train import train_lora
@@ -92,6 +94,15 @@ def client_update(
     base_dir = str(base_dir)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, device)
+    if config.lora.recipe == "distilled":  # the plain base model, reading each document, is the teacher
+        examples = distilled_examples(model, tokenizer, base_dir, corpus, progress)
+    else:
+        examples = build_examples(corpus, config.lora.recipe)
+    if config.lora.generator:
+        generator = base_dir if config.lora.generator == "base" else config.lora.generator
+        if not Path(generator, "config.json").is_file():
+            raise ValueError(f"generator {config.lora.generator!r}: no model directory (config.json) there")
+        examples += written_examples(corpus, generator, device, progress)
     # Before any memory or LoRA touches the model: its own replies are what to keep.
     keep = base_replies(model, tokenizer, base_dir) if config.lora.retention > 0 else []
     # A different seed per round gives the fresh LoRA new directions to add.
@@ -113,7 +124,6 @@ def client_update(
         model = attach_lora(model, settings)
         if memory:
             load_factors(model, memory)
-    examples = build_examples(corpus, settings.recipe)
     examples += retention_examples(keep, len(examples), settings.retention, settings.seed)
     span = ((server_round - 1) / config.rounds, server_round / config.rounds)
     result = train_lora(model, tokenizer, examples, settings, device, progress, span)

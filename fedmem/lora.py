@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from .aggregate import Factors
-from .examples import RECIPES
+from .examples import RECIPES as RULE_RECIPES
 
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 PRECISIONS = ("auto", "fp32", "bf16")
+# "distilled" asks the statements recipe's questions of the base model reading the
+# document and trains its replies (fedmem.context_distillation); the others are rules.
+RECIPES = RULE_RECIPES + ("distilled",)
 
 
 @dataclass
@@ -41,12 +44,15 @@ class LoraSettings:
     # ~1.4x the tokens/s on the 2-core CPU, but on the demo it cost 2 of 24 questions and
     # 2 of 24 control questions against float32 (docs/results.md), so float32 stays the default.
     precision: str = "fp32"
-    # How documents become question-form examples (fedmem.examples.RECIPES).
+    # How documents become question-form examples (RECIPES above).
     recipe: str = "statements"
     # General questions answered as the base model answers them, added as this share of
     # the corpus's examples, so the memory does not answer everything with owners' facts
     # (fedmem.retention). 0 turns it off.
     retention: float = 0.25
+    # Extra questions written by a model and round-trip checked (fedmem.question_writer):
+    # "" off, "base" the base model, or a local model directory on the owner's machine.
+    generator: str = ""
 
     def __post_init__(self):
         problems = []
@@ -59,6 +65,8 @@ class LoraSettings:
             problems.append(f"retention must be a share between 0 and 1, got {self.retention!r}")
         if self.recipe not in RECIPES:
             problems.append(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
+        if not isinstance(self.generator, str):
+            problems.append(f"generator must be '', 'base' or a model directory, got {self.generator!r}")
         if self.precision not in PRECISIONS:
             problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
         if not self.target_modules:

@@ -83,6 +83,7 @@ def _run_config(args) -> dict:
         "memory-rank": f.memory_rank, "client-start": f.client_start, "rank": f.lora.rank, "alpha": f.lora.alpha,
         "lr": f.lora.learning_rate, "epochs": f.lora.epochs, "batch-size": f.lora.batch_size, "seed": f.lora.seed,
         "precision": f.lora.precision, "recipe": f.lora.recipe, "retention": f.lora.retention,
+        "generator": f.lora.generator,
         "min-clients": args.min_clients, "round-timeout": args.round_timeout,
         "wait-for-clients": args.wait_for_clients, "join-grace": args.join_grace, "device": args.device, "resume": not args.fresh,
     }

@@ -51,6 +51,7 @@ RUN_CONFIG_DEFAULTS: dict[str, object] = {
     "precision": LoraSettings().precision,
     "recipe": LoraSettings().recipe,
     "retention": LoraSettings().retention,
+    "generator": LoraSettings().generator,
 }
 
 
@@ -62,7 +63,7 @@ def plan_from_run_config(run_config: dict, report=print) -> RunPlan:
     lora = LoraSettings(rank=int(c["rank"]), alpha=int(c["alpha"]), learning_rate=float(c["lr"]),
                         epochs=int(c["epochs"]), batch_size=int(c["batch-size"]), seed=int(c["seed"]),
                         precision=str(c["precision"]), recipe=str(c["recipe"]),
-                        retention=float(c["retention"]))
+                        retention=float(c["retention"]), generator=str(c["generator"]))
     federation = FederationConfig(rounds=int(c["rounds"]), method=str(c["method"]), weighting=str(c["weighting"]),
                                   server_lr=float(c["server-lr"]), memory_rank=int(c["memory-rank"]),
                                   client_start=str(c["client-start"]), lora=lora)

@@ -7,7 +7,8 @@ change the meaning or give the answer away, so every candidate must pass two che
 before it is trained:
 
 - form: one question, ending in "?", not containing the answer, not about "the
-  sentence" or "the question";
+  sentence" or "the question", naming the statement's subject as the statement
+  spells it and no name the statement lacks;
 - round trip (Alberti et al. 2019, "Synthetic QA Corpora Generation with Roundtrip
   Consistency"): the generator, given the statement and the question, must answer
   with the span the question was written for.
@@ -39,7 +40,7 @@ WRITE_PROMPT = ('Write a question a curious reader would ask, answered by the gi
                 'Answer: {span}\n'
                 'Question:')
 CHECK_PROMPT = 'Read this: "{statement}"\nAnswer in a few words: {question}'
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: questions must name the statement's subject
 QUESTION_TOKENS = 40
 CHECK_TOKENS = 16
 _META = re.compile(r"\b(sentence|answer|question|passage|text)\b", re.IGNORECASE)
@@ -64,8 +65,14 @@ def targets(corpus: Corpus) -> list[tuple[str, str]]:
     return list(dict.fromkeys(out))
 
 
-def clean_question(reply: str, span: str) -> str | None:
-    """The question in a generator's reply, or None when it fails the form check."""
+def clean_question(reply: str, span: str, statement: str = "") -> str | None:
+    """The question in a generator's reply, or None when it fails the form check.
+
+    With ``statement``, the question must also name what the statement is about (one
+    of its names other than the answer, spelled as there) and no name the statement
+    lacks: "What is the university name?" cannot say whose, and a misspelt name
+    would teach a fact about someone else.
+    """
     text = reply.strip().splitlines()[0].strip() if reply.strip() else ""
     quoted = _QUOTED_QUESTION.search(text)
     if quoted:  # 'The question is "Who ...?"': keep the inner question
@@ -78,6 +85,12 @@ def clean_question(reply: str, span: str) -> str | None:
         return None
     if _META.search(text) or f" {_norm(span)} " in f" {_norm(text)} ":
         return None
+    if statement:
+        names = [n for n in answer_spans(statement) if n[0].isupper() and _norm(n) != _norm(span)]
+        if not any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
+            return None
+        if any(w.strip("?,.'’s") not in statement for w in words[1:] if w[0].isupper()):
+            return None
     return text
 
 
@@ -87,7 +100,7 @@ def write_questions(model, tokenizer, pairs: list[tuple[str, str]]) -> list[str 
 
     replies = generate_answers(model, tokenizer, [WRITE_PROMPT.format(statement=s, span=a) for s, a in pairs],
                                max_new_tokens=QUESTION_TOKENS)
-    return round_trip(model, tokenizer, pairs, [clean_question(r, span) for r, (_, span) in zip(replies, pairs)])
+    return round_trip(model, tokenizer, pairs, [clean_question(r, a, s) for r, (s, a) in zip(replies, pairs)])
 
 
 def round_trip(model, tokenizer, pairs: list[tuple[str, str]], questions: list[str | None]) -> list[str | None]:

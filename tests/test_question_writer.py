@@ -27,6 +27,19 @@ def test_form_check_keeps_a_real_question_and_refuses_the_rest():
     assert clean_question("", "x") is None
 
 
+def test_a_written_question_must_name_its_subject_as_the_statement_spells_it():
+    statement = "Pebrurn Putavorn works in Bepaskthorpe."
+    assert clean_question("Where does Pebrurn Putavorn work?", "Bepaskthorpe", statement) == \
+        "Where does Pebrurn Putavorn work?"
+    # A misspelt name is someone else; a question naming nobody cannot say whose fact it is.
+    assert clean_question("Where does Pebrun Putavorn work?", "Bepaskthorpe", statement) is None
+    assert clean_question("In which town does the writer work?", "Bepaskthorpe", statement) is None
+    # A name the statement lacks makes up a fact.
+    assert clean_question("Where in the UK does Pebrurn Putavorn work?", "Bepaskthorpe", statement) is None
+    assert clean_question("What is the university name?", "Dunel University",
+                          "Penen Gridros - University: Dunel University.") is None
+
+
 def test_targets_are_the_spans_the_rule_recipe_asks_about(tmp_path):
     corpus = load_corpus(write_corpus(tmp_path / "c", [("The head vet of the Harrow Clinic is Tobias Wrenfield.", "")]))
     assert ("The head vet of the Harrow Clinic is Tobias Wrenfield.", "Tobias Wrenfield") in targets(corpus)

@@ -59,10 +59,11 @@ def _federation(args) -> FederationConfig:
 
 def _local_federation(args) -> FederationConfig:
     """The settings, for a run whose owners are on this machine: a generator must be here."""
+    from .question_writer import generator_dir
+
     config = _federation(args)
-    generator = config.lora.generator
-    if generator not in ("", "base") and not (Path(generator) / "config.json").is_file():
-        raise ValueError(f"--generator {generator}: not a model directory (no config.json); use 'base' or a local model")
+    if config.lora.generator not in ("", "base"):
+        generator_dir(config.lora.generator, "")
     return config
 
 

@@ -26,7 +26,7 @@ from .base_model import fingerprint, load_model, load_tokenizer
 from .context_distillation import distilled_examples
 from .corpus import Corpus
 from .examples import build_examples
-from .question_writer import written_examples
+from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
 from .lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors
 from .train import train_lora
@@ -99,10 +99,7 @@ def client_update(
     else:
         examples = build_examples(corpus, config.lora.recipe)
     if config.lora.generator:
-        generator = base_dir if config.lora.generator == "base" else config.lora.generator
-        if not Path(generator, "config.json").is_file():
-            raise ValueError(f"generator {config.lora.generator!r}: no model directory (config.json) there")
-        examples += written_examples(corpus, generator, device, progress)
+        examples += written_examples(corpus, generator_dir(config.lora.generator, base_dir), device, progress)
     # Before any memory or LoRA touches the model: its own replies are what to keep.
     keep = base_replies(model, tokenizer, base_dir) if config.lora.retention > 0 else []
     # A different seed per round gives the fresh LoRA new directions to add.

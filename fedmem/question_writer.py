@@ -24,7 +24,10 @@ cached per generator model under ``FEDMEM_HOME/questions`` so later rounds reuse
 from __future__ import annotations
 
 import re
+from pathlib import Path
 from typing import Callable
+
+from .answer import _normalise, is_correct
 
 from .corpus import Corpus
 from .examples import Example, _grounded, answer_spans, asked_spans, field_questions, statements
@@ -47,8 +50,12 @@ _META = re.compile(r"\b(sentence|answer|question|passage|text)\b", re.IGNORECASE
 _QUOTED_QUESTION = re.compile(r"[\"“']([^\"“”']{8,}\?)[\"”']")
 
 
-def _norm(text: str) -> str:
-    return " ".join(re.sub(r"[^\w\s]", " ", text.lower()).split())
+def generator_dir(generator: str, base_dir: str | Path) -> str:
+    """The model directory a ``--generator`` value names ("base": the base model), or a clear error."""
+    path = str(base_dir) if generator == "base" else generator
+    if not Path(path, "config.json").is_file():
+        raise ValueError(f"generator {generator!r}: not a model directory (no config.json); use 'base' or a local model")
+    return path
 
 
 def targets(corpus: Corpus) -> list[tuple[str, str]]:
@@ -83,10 +90,10 @@ def clean_question(reply: str, span: str, statement: str = "") -> str | None:
     words = text.split()
     if not 4 <= len(words) <= 30 or not text[0].isupper():
         return None
-    if _META.search(text) or f" {_norm(span)} " in f" {_norm(text)} ":
+    if _META.search(text) or is_correct(text, span):  # the question gives the answer away
         return None
     if statement:
-        names = [n for n in answer_spans(statement) if n[0].isupper() and _norm(n) != _norm(span)]
+        names = [n for n in answer_spans(statement) if n[0].isupper() and _normalise(n) != _normalise(span)]
         if not any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
             return None
         if any(w.strip("?,.'’s") not in statement for w in words[1:] if w[0].isupper()):
@@ -105,7 +112,7 @@ def write_questions(model, tokenizer, pairs: list[tuple[str, str]]) -> list[str 
 
 def round_trip(model, tokenizer, pairs: list[tuple[str, str]], questions: list[str | None]) -> list[str | None]:
     """Keep a question only if the model, reading its statement, answers it with the span."""
-    from .answer import generate_answers, is_correct
+    from .answer import generate_answers
 
     asked = [i for i, q in enumerate(questions) if q]
     replies = generate_answers(model, tokenizer, [CHECK_PROMPT.format(statement=pairs[i][0], question=questions[i])

@@ -79,6 +79,7 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
             base, corpus, record_to_factors(msg.content[MEMORY_KEY]), config, server_round,
             device=pick_device(run_config.get("device", "auto")),
             progress=lambda line: print(f"[{name}] round {server_round} {line}", flush=True),
+            span=tuple(run_config["span"]) if "span" in run_config else None,
         )
         content = RecordDict({
             UPDATE_KEY: factors_to_record(result.factors),

@@ -9,7 +9,7 @@ import time
 from pathlib import Path
 
 from .corpus import CorpusError
-from .federation import CLIENT_STARTS, METHODS, WEIGHTINGS, FederationConfig
+from .federation import CLIENT_STARTS, METHODS, SCHEDULES, WEIGHTINGS, FederationConfig
 from .lora import PRECISIONS, RECIPES, LoraSettings
 from .memory import MemoryFormatError
 
@@ -19,8 +19,12 @@ def _add_training_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--rounds", type=int, default=f.rounds, help="federated rounds (default %(default)s)")
     p.add_argument("--method", choices=METHODS, default=f.method,
                    help="exact: sum of B·A re-factorised (default); fedit: A and B averaged separately (baseline)")
+    p.add_argument("--schedule", choices=SCHEDULES, default=f.schedule,
+                   help="cyclic: each round the owners train one after another, each on the memory the one "
+                        "before left; parallel: all on the same memory, updates summed (FedAvg) (default %(default)s)")
     p.add_argument("--weighting", choices=WEIGHTINGS, default=f.weighting,
-                   help="exact method: 'mean' is FedAvg's n_k/n; 'sum' adds each owner's update in full (default %(default)s)")
+                   help="parallel schedule, exact method: 'mean' is FedAvg's n_k/n; 'sum' adds each owner's update "
+                        "in full (default %(default)s)")
     p.add_argument("--server-lr", type=float, default=f.server_lr,
                    help="exact method: memory += server_lr * weighted sum of updates (default %(default)s)")
     p.add_argument("--client-start", choices=CLIENT_STARTS, default=f.client_start,
@@ -54,7 +58,8 @@ def _federation(args) -> FederationConfig:
                         retention=args.retention, generator=args.generator,
                         seed=args.seed)
     return FederationConfig(rounds=args.rounds, method=args.method, weighting=args.weighting, server_lr=args.server_lr,
-                            memory_rank=args.memory_rank, client_start=args.client_start, lora=lora)
+                            memory_rank=args.memory_rank, client_start=args.client_start, schedule=args.schedule,
+                            lora=lora)
 
 
 def _local_federation(args) -> FederationConfig:

@@ -143,6 +143,52 @@ def copula_questions(sentence: str) -> list[tuple[str, str]]:
     return [(question, value)]
 
 
+_NAMED = r"(?:[Tt]he\s+)?[A-Z][\w'’-]*(?:\s+[A-Z0-9][\w'’-]*)*"
+_VERB_CLAUSE = re.compile(
+    rf"^(?P<subject>{_NAMED}(?:\s+(?:at|of|in|for)\s+{_NAMED})*)\s+(?P<verb>[a-z]+s)\s+(?P<rest>[^,;:]+)$")
+_NOT_VERBS = {"is", "was", "its", "this", "us", "plus", "thus", "always", "perhaps", "sometimes", "as", "yes"}
+_PLACE = re.compile(r"^(?P<middle>.+?)\s+(?P<prep>at|in|on|from)\s+(?P<tail>.+)$")
+_COUNT = re.compile(r"^(?P<number>\d[\d,]*)\s+(?P<noun>[a-z][a-z -]*)$")
+
+
+def _base_form(verb: str) -> str:
+    if verb == "has":
+        return "have"
+    if verb.endswith("ies"):
+        return verb[:-3] + "y"
+    if re.search(r"(?:ss|sh|ch|x|z|o)es$", verb):
+        return verb[:-2]
+    return verb[:-1]
+
+
+def verb_questions(sentence: str) -> list[tuple[str, str]]:
+    """Wh-questions with "does" for statements whose verb is not "is", the way people ask:
+    "Kestrel Robotics buys its battery packs from Dunmorrow Cells." -> ("Where does
+    Kestrel Robotics buy its battery packs from?", "Dunmorrow Cells"); "The Oakhollow Ward
+    has 34 kennels." -> ("How many kennels does the Oakhollow Ward have?", "34").
+    Only a named subject, a present-tense verb and a named place or a count at the end:
+    anything less regular gets the cloze questions alone."""
+    m = _VERB_CLAUSE.match(sentence.rstrip(".!? "))
+    if not m or m.group("verb") in _NOT_VERBS or re.search(r"['’]s$", m.group("subject")):
+        return []
+    subject, verb, rest = m.group("subject"), _base_form(m.group("verb")), m.group("rest")
+    if subject.split()[0] == "The":
+        subject = "the" + subject[3:]
+    if " and " in rest or len(rest.split()) > 12:
+        return []
+    count = _COUNT.match(rest)
+    if count:
+        return [(f"How many {count.group('noun')} does {subject} {verb}?", count.group("number"))]
+    place = _PLACE.match(rest)
+    if place:
+        named = re.search(rf"{_NAMED}$", place.group("tail"))
+        if named and named.group(0) not in _FUNCTION_WORDS:
+            value = re.sub(r"^[Tt]he\s+", "", named.group(0))
+            ending = " from" if place.group("prep") == "from" else ""
+            return [(f"Where does {subject} {verb} {place.group('middle')}{ending}?", value)]
+    return []
+
+
 def _grounded(value: str, sentence: str) -> str:
     # Answer first, then the owner's sentence: the first tokens after a question are the
     # fact itself (what a user wants), and the sentence keeps the reply grounded.
@@ -258,7 +304,7 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
         for span in asked_spans(sent, spans):
             examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
         if spans:
-            examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent))
+            examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent) + verb_questions(sent))
     return examples
 
 

@@ -4,6 +4,15 @@
 is what the coordinator runs on the replies. The Flower apps in ``fedmem.server``
 and ``fedmem.clients`` only move tensors between them.
 
+Two schedules:
+- ``cyclic`` (default): each round visits the owners one after another; each trains on
+  the memory as the previous owner left it, and the server adds that owner's update in
+  full before sending the memory on (cyclic weight transfer). Every update is fitted to a
+  memory that already holds the others' facts, so owners do not undo each other.
+- ``parallel``: every owner trains on the same memory and the server adds the weighted
+  sum of their updates (FedAvg's round). Faster in wall clock with many owners, but the
+  owners' updates interfere: on the demo 46% against 83% (docs/results.md).
+
 Two methods:
 - ``exact`` (default): the memory is the cumulative ΔW in factored form. A client
   merges it into its base weights, trains a fresh LoRA on top, and returns that
@@ -34,6 +43,7 @@ from .train import train_lora
 METHODS = ("exact", "fedit")
 WEIGHTINGS = ("sum", "mean")
 CLIENT_STARTS = ("fresh", "memory")
+SCHEDULES = ("cyclic", "parallel")
 
 
 @dataclass
@@ -53,6 +63,9 @@ class FederationConfig:
     # "fresh": memory merged into the base weights, a new rank-`lora.rank` LoRA on top;
     #   every round then repeats a LoRA's slow start (B = 0): 38% vs 50% on the demo.
     client_start: str = "memory"
+    # SCHEDULES above. Cyclic rounds take the sum of the owners' training times, parallel
+    # ones the longest; on one machine (simulation) the two cost the same.
+    schedule: str = "cyclic"
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
@@ -62,6 +75,8 @@ class FederationConfig:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.client_start not in CLIENT_STARTS:
             raise ValueError(f"client_start must be one of {CLIENT_STARTS}, got {self.client_start!r}")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
         if not isinstance(self.rounds, int) or self.rounds < 1:
@@ -81,6 +96,23 @@ class ClientResult:
     metrics: dict[str, float]
 
 
+def training_span(config: FederationConfig, server_round: int, visit: int = 0, visits: int = 1) -> tuple[float, float]:
+    """The slice of the whole run's learning-rate schedule one client's training covers.
+
+    Parallel: round r of R trains on (r-1)/R .. r/R, every owner alike. Cyclic: the
+    memory passes through the owners in turn, so the visits together follow the one
+    schedule a centralised run would: visit v of V in round r gets its V-th of the round's
+    slice.
+    """
+    if config.schedule == "parallel":
+        visit, visits = 0, 1
+    if not (0 <= visit < visits):
+        raise ValueError(f"visit must be in 0..{visits - 1}, got {visit}")
+    done = (server_round - 1) * visits + visit
+    total = config.rounds * visits
+    return done / total, (done + 1) / total
+
+
 def client_update(
     base_dir: str | os.PathLike,
     corpus: Corpus,
@@ -89,8 +121,13 @@ def client_update(
     server_round: int,
     device: str = "cpu",
     progress: Callable[[str], None] | None = None,
+    span: tuple[float, float] | None = None,
 ) -> ClientResult:
-    """Train on the owner's corpus starting from the current memory; return only tensors and numbers."""
+    """Train on the owner's corpus starting from the current memory; return only tensors and numbers.
+
+    ``span``: the slice of the learning-rate schedule to follow (``training_span``; the
+    server sends it); by default the round's slice of a parallel schedule.
+    """
     base_dir = str(base_dir)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, device)
@@ -122,8 +159,8 @@ def client_update(
         if memory:
             load_factors(model, memory)
     examples += retention_examples(keep, len(examples), settings.retention, settings.seed)
-    span = ((server_round - 1) / config.rounds, server_round / config.rounds)
-    result = train_lora(model, tokenizer, examples, settings, device, progress, span)
+    result = train_lora(model, tokenizer, examples, settings, device, progress,
+                        span or training_span(config, server_round))
     factors = extract_factors(model)
     if continuing and memory:
         # Send only what this round changed, exactly: new B·A − memory B·A, in factored form.
@@ -151,6 +188,16 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], sizes: list
     return aggregate_exact(memory, updates, weights, config.memory_rank)
 
 
+def round_aggregate(steps: list[Aggregate]) -> Aggregate:
+    """A round's result from its aggregation steps (one per visit when cyclic): the last
+    memory, and each module's worst truncation error on the way."""
+    errors: dict[str, float] = {}
+    for step in steps:
+        for name, e in step.truncation_error.items():
+            errors[name] = max(errors.get(name, 0.0), e)
+    return Aggregate(steps[-1].factors, errors)
+
+
 def federate_in_process(
     base_dir: str | os.PathLike,
     corpora: list[Corpus],
@@ -167,12 +214,18 @@ def federate_in_process(
     """
     memory: Factors | None = None
     for rnd in range(1, config.rounds + 1):
-        results = []
-        for corpus in corpora:
+        results, visits = [], []
+        for visit, corpus in enumerate(corpora):
             tag = f"[{corpus.name}] round {rnd}/{config.rounds} "
             results.append(client_update(base_dir, corpus, memory, config, rnd, device,
-                                         (lambda msg, tag=tag: progress(tag + msg)) if progress else None))
-        agg = server_aggregate(memory, [r.factors for r in results], [r.metrics["examples"] for r in results], config)
+                                         (lambda msg, tag=tag: progress(tag + msg)) if progress else None,
+                                         training_span(config, rnd, visit, len(corpora))))
+            if config.schedule == "cyclic":
+                visits.append(server_aggregate(memory, [results[-1].factors], [results[-1].metrics["examples"]], config))
+                memory = visits[-1].factors
+        if config.schedule == "parallel":
+            visits.append(server_aggregate(memory, [r.factors for r in results], [r.metrics["examples"] for r in results], config))
+        agg = round_aggregate(visits)
         memory = agg.factors
         if after_round:
             after_round(rnd, agg, results)

@@ -241,6 +241,8 @@ class QualityRun:
 
     def run_federated(self, method: str) -> dict:
         config = replace(self.config.federation, method=method)
+        if method == "fedit":  # FedIT as published: every owner on the same global LoRA, A and B averaged
+            config = replace(config, schedule="parallel")
         rounds: list[dict] = []
         last: dict = {}
 

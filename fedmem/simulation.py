@@ -65,7 +65,7 @@ def simulate(
     base_dir = str(resolve_base(base))
     device = pick_device(device)
     report(f"fedmem simulate: {len(dirs)} clients ({', '.join(d.name for d in dirs)}), "
-           f"{federation.rounds} rounds, method {federation.method}, base {base_dir}, device {device}")
+           f"{federation.rounds} {federation.schedule} rounds, method {federation.method}, base {base_dir}, device {device}")
 
     plan = RunPlan(base_dir=base_dir, out_dir=Path(out), federation=federation, min_clients=len(dirs),
                    questions=qs, device=device, report=report)

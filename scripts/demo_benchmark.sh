@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Runs the demo three ways with otherwise equal settings, then writes
 # docs/demo_table.md and docs/demo_recall.png:
-#   exact        the default (clients continue from the memory, exact aggregation)
-#   exact-fresh  exact aggregation, a fresh LoRA on the merged memory each round (rank 64 memory)
-#   fedit        the FedIT baseline (A and B averaged separately)
+#   exact           the default: cyclic rounds (owners one after another), exact aggregation
+#   exact-parallel  exact aggregation of the owners' updates trained side by side (FedAvg's round)
+#   fedit           the FedIT baseline: parallel rounds, A and B averaged separately
 # About 25 minutes on a 2-core CPU.   Usage: scripts/demo_benchmark.sh [extra simulate args]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -17,7 +17,7 @@ run() {
   echo "$(date +%s.%N) - $start" | bc > "$out/wall_seconds.txt"
 }
 run exact "$@"
-run exact-fresh --client-start fresh --memory-rank 64 "$@"
-run fedit --method fedit "$@"
-.venv/bin/python scripts/demo_report.py exact=runs/bench-exact exact-fresh=runs/bench-exact-fresh \
+run exact-parallel --schedule parallel "$@"
+run fedit --method fedit --schedule parallel "$@"
+.venv/bin/python scripts/demo_report.py exact=runs/bench-exact exact-parallel=runs/bench-exact-parallel \
   fedit=runs/bench-fedit --plot docs/demo_recall.png --table docs/demo_table.md

@@ -7,7 +7,7 @@ Used to choose fedmem's defaults; see docs/results.md.
 
     python scripts/federation_sweep.py '{"rounds": 3, "epochs": 2, "weighting": "mean"}'
 
-Keys: rounds, method, weighting, server_lr, memory_rank, and any LoraSettings field.
+Keys: rounds, method, schedule, weighting, server_lr, memory_rank, and any LoraSettings field.
 """
 
 import json
@@ -26,7 +26,7 @@ from fedmem.simulation import client_dirs, demo_dir
 quiet_libraries()
 torch.set_num_threads(torch.get_num_threads())
 options = json.loads(sys.argv[1]) if len(sys.argv) > 1 else {}
-fed_keys = {"rounds", "method", "weighting", "server_lr", "memory_rank", "client_start"}
+fed_keys = {"rounds", "method", "schedule", "weighting", "server_lr", "memory_rank", "client_start"}
 config = FederationConfig(**{k: v for k, v in options.items() if k in fed_keys},
                           lora=LoraSettings(**{k: v for k, v in options.items() if k not in fed_keys}))
 base = str(resolve_base())
@@ -44,7 +44,8 @@ def report(rnd, agg, results):
     print(f"round {rnd} t={time.perf_counter() - started:.0f}s "
           f"losses {[round(r.metrics['final_loss'], 3) for r in results]} "
           f"truncation {agg.max_truncation_error:.3f} recall {s.accuracy:.0%} "
-          + " ".join(f"{k} {v:.0%}" for k, v in s.by_source.items()), flush=True)
+          + " ".join(f"{k} {v:.0%}" for k, v in s.by_source.items())
+          + " " + "".join("+" if ok else "-" for ok in s.correct), flush=True)
 
 
 federate_in_process(base, corpora, config, after_round=report)

@@ -79,7 +79,7 @@ def _run_config(args) -> dict:
 
     f = _federation(args)  # validates the training settings before anything starts
     config = {
-        "rounds": f.rounds, "method": f.method, "weighting": f.weighting, "server-lr": f.server_lr,
+        "rounds": f.rounds, "method": f.method, "schedule": f.schedule, "weighting": f.weighting, "server-lr": f.server_lr,
         "memory-rank": f.memory_rank, "client-start": f.client_start, "rank": f.lora.rank, "alpha": f.lora.alpha,
         "lr": f.lora.learning_rate, "epochs": f.lora.epochs, "batch-size": f.lora.batch_size, "seed": f.lora.seed,
         "precision": f.lora.precision, "recipe": f.lora.recipe, "retention": f.lora.retention,

@@ -38,6 +38,7 @@ RUN_CONFIG_DEFAULTS: dict[str, object] = {
     "join-grace": 10.0,
     "resume": True,
     "method": FederationConfig().method,
+    "schedule": FederationConfig().schedule,
     "weighting": FederationConfig().weighting,
     "server-lr": FederationConfig().server_lr,
     "memory-rank": FederationConfig().memory_rank,
@@ -66,7 +67,8 @@ def plan_from_run_config(run_config: dict, report=print) -> RunPlan:
                         retention=float(c["retention"]), generator=str(c["generator"]))
     federation = FederationConfig(rounds=int(c["rounds"]), method=str(c["method"]), weighting=str(c["weighting"]),
                                   server_lr=float(c["server-lr"]), memory_rank=int(c["memory-rank"]),
-                                  client_start=str(c["client-start"]), lora=lora)
+                                  client_start=str(c["client-start"]), schedule=str(c["schedule"]),
+                                  lora=lora)
     questions = str(c["questions"])
     timeout = float(c["round-timeout"])
     return RunPlan(

@@ -18,7 +18,8 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
 from fedmem.base_model import load_model, load_tokenizer, quiet_libraries
-from fedmem.federation import FederationConfig, base_fingerprint, server_aggregate, set_threads
+from fedmem.federation import (FederationConfig, base_fingerprint, round_aggregate, server_aggregate, set_threads,
+                               training_span)
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, load_memory, save_memory
 from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, config_to_record,
@@ -82,7 +83,8 @@ MANIFEST_KEY = "manifest"
 
 def _comparable(federation: dict) -> dict:
     # More rounds may be asked of a resumed run; anything else changes what the checkpoints mean.
-    return {k: v for k, v in json.loads(json.dumps(federation)).items() if k != "rounds"}
+    # Checkpoints from before the schedule setting were all made in parallel rounds.
+    return {k: v for k, v in {"schedule": "parallel", **json.loads(json.dumps(federation))}.items() if k != "rounds"}
 
 
 def last_checkpoint(plan: RunPlan, fp: str) -> tuple[int, object, dict]:
@@ -130,6 +132,26 @@ def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan
     plan.report(f"memory sent to {len(nodes)} connected clients ({acknowledged} acknowledged before leaving)")
 
 
+def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tuple[dict, float, str, dict]]:
+    """(factors, size, client name, metrics) of each reply that can be aggregated; the rest reported."""
+    usable = []
+    for reply in replies:
+        if reply.has_error():
+            plan.report(f"  a client failed this round: {reply.error.reason}")
+            continue
+        info = reply.content[INFO_KEY]
+        if str(info["base_fingerprint"]) != fp:
+            plan.report(f"  client {info['client']} ignored: its base model differs from the federation's")
+            continue
+        factors = record_to_factors(reply.content[UPDATE_KEY])
+        if not factors:
+            plan.report(f"  client {info['client']} sent an empty update; ignored")
+            continue
+        m = dict(reply.content[METRICS_KEY])
+        usable.append((factors, m.get("examples", 1.0), str(info["client"]), m))
+    return usable
+
+
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     quiet_libraries()
     set_threads()
@@ -163,37 +185,39 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     for rnd in range(done + 1, cfg.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, plan)
-        plan.report(f"round {rnd}/{cfg.rounds}: training on {len(nodes)} clients ...")
-        memory_record = factors_to_record(memory)
-        content = {MEMORY_KEY: memory_record, CONFIG_KEY: config_to_record(run_config, rnd, fp)}
-        if plan.publish and manifest:
-            content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
-        messages = [
-            Message(content=RecordDict(dict(content)), message_type=MessageType.TRAIN, dst_node_id=n)
-            for n in nodes
-        ]
-        replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
-        updates, sizes, names, client_metrics = [], [], [], {}
-        for reply in replies:
-            if reply.has_error():
-                plan.report(f"  a client failed this round: {reply.error.reason}")
-                continue
-            info = reply.content[INFO_KEY]
-            if str(info["base_fingerprint"]) != fp:
-                plan.report(f"  client {info['client']} ignored: its base model differs from the federation's")
-                continue
-            factors = record_to_factors(reply.content[UPDATE_KEY])
-            if not factors:
-                plan.report(f"  client {info['client']} sent an empty update; ignored")
-                continue
-            m = dict(reply.content[METRICS_KEY])
-            updates.append(factors)
-            sizes.append(m.get("examples", 1.0))
-            names.append(str(info["client"]))
-            client_metrics[str(info["client"])] = m
-        if len(updates) < plan.min_clients:
-            raise RuntimeError(f"round {rnd}: only {len(updates)} usable updates, {plan.min_clients} required")
-        agg = server_aggregate(memory, updates, sizes, cfg)
+        plan.report(f"round {rnd}/{cfg.rounds}: training on {len(nodes)} clients"
+                    + (" one after another ..." if cfg.schedule == "cyclic" else " ..."))
+
+        def ask(targets: list[int], span: tuple[float, float] | None) -> list[Message]:
+            config = {**run_config, "span": list(span)} if span else run_config
+            content = {MEMORY_KEY: factors_to_record(memory), CONFIG_KEY: config_to_record(config, rnd, fp)}
+            if plan.publish and manifest:
+                content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
+            messages = [Message(content=RecordDict(dict(content)), message_type=MessageType.TRAIN, dst_node_id=n)
+                        for n in targets]
+            return list(grid.send_and_receive(messages, timeout=plan.round_timeout))
+
+        names, client_metrics, steps = [], {}, []
+        if cfg.schedule == "cyclic":
+            # One owner at a time, in a fixed order; each trains on the memory as the one
+            # before left it, and its update goes in whole before the memory moves on.
+            for visit, node in enumerate(sorted(nodes)):
+                usable = _usable_updates(ask([node], training_span(cfg, rnd, visit, len(nodes))), fp, plan)
+                for factors, size, name, m in usable:
+                    steps.append(server_aggregate(memory, [factors], [size], cfg))
+                    memory = steps[-1].factors
+                    names.append(name)
+                    client_metrics[name] = m
+                    plan.report(f"  {name} trained: loss {m['first_loss']:.2f}->{m['final_loss']:.3f}")
+        else:
+            usable = _usable_updates(ask(nodes, None), fp, plan)
+            names = [u[2] for u in usable]
+            client_metrics = {u[2]: u[3] for u in usable}
+            if usable:
+                steps.append(server_aggregate(memory, [u[0] for u in usable], [u[1] for u in usable], cfg))
+        if len(names) < plan.min_clients or not steps:
+            raise RuntimeError(f"round {rnd}: only {len(names)} usable updates, {plan.min_clients} required")
+        agg = round_aggregate(steps)
         memory = agg.factors
         clients_seen.update(names)
         record = {
@@ -218,7 +242,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "round": rnd,
             "rounds": cfg.rounds,
             "clients": sorted(clients_seen),
-            "aggregation": {"method": cfg.method, "weighting": cfg.weighting, "memory_rank": cfg.memory_rank},
+            "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "weighting": cfg.weighting,
+                            "memory_rank": cfg.memory_rank},
             "federation": cfg.to_dict(),
             "metrics": {k: v for k, v in record.items() if k not in ("client_metrics",)},
         }

@@ -4,7 +4,7 @@ import pytest
 
 from fedmem.corpus import load_corpus
 from fedmem.examples import (Example, answer_spans, build_examples, cloze_questions, copula_questions, field_questions,
-                             sentences, statements, tokenize_example)
+                             sentences, statements, tokenize_example, verb_questions)
 from fedmem.simulation import demo_dir
 
 
@@ -69,6 +69,22 @@ def test_statements_name_their_subject_in_tables_notes_memos_and_pronouns():
         "Ada Wrenfield studied Raskics.", "Ada Wrenfield works for Lavill Freight.",
         "Ada Wrenfield's office is in Pezenbridge."]
     assert field_questions("Mila Quent - Employer: Zorvex Mills.") == [("What is the employer of Mila Quent?", "Zorvex Mills")]
+
+
+def test_verb_questions_ask_where_and_how_many_with_does():
+    assert verb_questions("Kestrel Robotics buys all of its battery packs from Dunmorrow Cells.") == [
+        ("Where does Kestrel Robotics buy all of its battery packs from?", "Dunmorrow Cells")]
+    assert verb_questions("The Saltmere Library stores its overflow archive at Pellow Quarry.") == [
+        ("Where does the Saltmere Library store its overflow archive?", "Pellow Quarry")]
+    assert verb_questions("The Oakhollow Ward at the Harrow Clinic has 34 kennels.") == [
+        ("How many kennels does the Oakhollow Ward at the Harrow Clinic have?", "34")]
+    assert verb_questions("Zorvex Mills flies its kites at a field called Vexley Moor.") == [
+        ("Where does Zorvex Mills fly its kites?", "Vexley Moor")]
+    # Not regular enough to turn around safely: a possessive subject, a copula, two verbs, no named end.
+    assert verb_questions("The Harrow Clinic's medicine deliveries come from the Cranmere Yard depot.") == []
+    assert verb_questions("The head vet of the Harrow Clinic is Tobias Wrenfield.") == []
+    assert verb_questions("Tobias Wrenfield signs off every plan and approves all overtime requests.") == []
+    assert verb_questions("Kestrel Robotics keeps its drones in a shed.") == []
 
 
 def test_statements_recipe_asks_about_each_table_cell_and_leaves_plain_prose_alone(tmp_path):

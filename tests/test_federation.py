@@ -5,7 +5,7 @@ import torch
 
 from fedmem.aggregate import aggregate_exact, dense
 from fedmem.corpus import load_corpus
-from fedmem.federation import FederationConfig, client_update, server_aggregate
+from fedmem.federation import FederationConfig, client_update, federate_in_process, server_aggregate, training_span
 from fedmem.lora import LoraSettings
 
 
@@ -42,7 +42,34 @@ def test_server_weights(tiny_base):
 
 
 @pytest.mark.parametrize("bad", [dict(method="avg"), dict(weighting="x"), dict(rounds=0), dict(server_lr=0.0),
-                                 dict(client_start="x"), dict(memory_rank=0)])
+                                 dict(client_start="x"), dict(memory_rank=0), dict(schedule="ring")])
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         FederationConfig(**bad)
+
+
+def test_training_span_tiles_one_schedule():
+    parallel = FederationConfig(rounds=3, schedule="parallel")
+    assert [training_span(parallel, r, v, 2) for r in (1, 2, 3) for v in (0, 1)] == \
+        [(0, 1 / 3), (0, 1 / 3), (1 / 3, 2 / 3), (1 / 3, 2 / 3), (2 / 3, 1), (2 / 3, 1)]
+    cyclic = FederationConfig(rounds=2, schedule="cyclic")
+    spans = [training_span(cyclic, r, v, 3) for r in (1, 2) for v in range(3)]
+    assert spans[0][0] == 0 and spans[-1][1] == 1
+    assert all(a[1] == b[0] for a, b in zip(spans, spans[1:]))  # visits follow each other, no gap or overlap
+    with pytest.raises(ValueError):
+        training_span(cyclic, 1, 3, 3)
+
+
+def test_cyclic_round_trains_each_owner_on_the_memory_the_previous_one_left(tiny_base, two_clients):
+    corpora = [load_corpus(two_clients / n) for n in ("alpha", "beta")]
+    config = _config(schedule="cyclic", rounds=1)
+    memory = federate_in_process(tiny_base, corpora, config)
+    # The same round by hand: alpha from nothing, then beta on alpha's memory, each update in full.
+    first = client_update(tiny_base, corpora[0], None, config, 1, span=training_span(config, 1, 0, 2))
+    after_alpha = server_aggregate(None, [first.factors], [first.metrics["examples"]], config).factors
+    second = client_update(tiny_base, corpora[1], after_alpha, config, 1, span=training_span(config, 1, 1, 2))
+    by_hand = aggregate_exact(after_alpha, [second.factors], [1.0], rank=8).factors
+    for name in memory:
+        assert torch.allclose(dense(*memory[name]), dense(*by_hand[name]), atol=1e-6)
+    parallel = federate_in_process(tiny_base, corpora, _config(schedule="parallel", rounds=1))
+    assert any(not torch.allclose(dense(*memory[n]), dense(*parallel[n]), atol=1e-4) for n in memory)

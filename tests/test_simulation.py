@@ -17,12 +17,13 @@ def _questions(path):
     return path
 
 
-@pytest.mark.parametrize("method,client_start", [("exact", "fresh"), ("exact", "memory"), ("fedit", "fresh")])
-def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients, method, client_start):
+@pytest.mark.parametrize("method,client_start,schedule", [("exact", "fresh", "parallel"), ("exact", "memory", "cyclic"),
+                                                          ("exact", "memory", "parallel"), ("fedit", "fresh", "cyclic")])
+def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients, method, client_start, schedule):
     from fedmem.simulation import simulate
 
     out = tmp_path / "out"
-    config = FederationConfig(rounds=2, method=method, memory_rank=16, client_start=client_start,
+    config = FederationConfig(rounds=2, method=method, memory_rank=16, client_start=client_start, schedule=schedule,
                               lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=4))
     summary = simulate(two_clients, out, config, base=str(tiny_base), questions=_questions(tmp_path / "q.jsonl"),
                        device="cpu", report=lambda s: None)
@@ -35,6 +36,7 @@ def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients,
         assert m["examples"] > 0 and m["tokens"] > 0
     manifest = verify_memory(out / "memory", fingerprint(tiny_base))
     assert manifest["aggregation"]["method"] == method and manifest["clients"] == ["alpha", "beta"]
+    assert manifest["aggregation"]["schedule"] == schedule
     assert manifest["rounds"] == 2
     for rnd in (1, 2):
         verify_memory(out / "rounds" / f"round-{rnd:03d}")

@@ -88,6 +88,11 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
         })
         return Message(content=content, reply_to=msg)
 
+    @app.query()
+    def name(msg: Message, context: Context) -> Message:
+        # The server orders a cyclic round by the owners' names; the name is the corpus directory's.
+        return Message(content=RecordDict({INFO_KEY: ConfigRecord({"client": corpus_dir(context).name})}), reply_to=msg)
+
     @app.evaluate()
     def receive_memory(msg: Message, context: Context) -> Message:
         # The server's last word: the finished memory. Keep it; nothing goes back.

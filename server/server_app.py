@@ -132,6 +132,17 @@ def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan
     plan.report(f"memory sent to {len(nodes)} connected clients ({acknowledged} acknowledged before leaving)")
 
 
+def _visit_order(grid: Grid, nodes: list[int], plan: RunPlan) -> list[int]:
+    """The nodes sorted by their owners' names, so a cyclic run visits them in the same
+    order every time (Flower's node ids are random); one small query message each."""
+    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+    names: dict[int, str] = {}
+    for reply in grid.send_and_receive(messages, timeout=plan.round_timeout or 120.0):
+        if not reply.has_error() and INFO_KEY in reply.content:
+            names[reply.metadata.src_node_id] = str(reply.content[INFO_KEY]["client"])
+    return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+
+
 def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tuple[dict, float, str, dict]]:
     """(factors, size, client name, metrics) of each reply that can be aggregated; the rest reported."""
     usable = []
@@ -199,9 +210,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
 
         names, client_metrics, steps = [], {}, []
         if cfg.schedule == "cyclic":
-            # One owner at a time, in a fixed order; each trains on the memory as the one
+            # One owner at a time, in the order of their names; each trains on the memory as the one
             # before left it, and its update goes in whole before the memory moves on.
-            for visit, node in enumerate(sorted(nodes)):
+            for visit, node in enumerate(_visit_order(grid, nodes, plan)):
                 usable = _usable_updates(ask([node], training_span(cfg, rnd, visit, len(nodes))), fp, plan)
                 for factors, size, name, m in usable:
                     steps.append(server_aggregate(memory, [factors], [size], cfg))
@@ -226,6 +237,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "client_metrics": client_metrics,
             "truncation_error": agg.max_truncation_error,
         }
+        if cfg.schedule == "cyclic":
+            record["visit_order"] = names
         line = f"round {rnd}/{cfg.rounds}: {len(names)} clients, loss " + ", ".join(
             f"{n} {client_metrics[n]['first_loss']:.2f}->{client_metrics[n]['final_loss']:.3f}" for n in sorted(names)
         )

@@ -37,6 +37,8 @@ def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients,
     manifest = verify_memory(out / "memory", fingerprint(tiny_base))
     assert manifest["aggregation"]["method"] == method and manifest["clients"] == ["alpha", "beta"]
     assert manifest["aggregation"]["schedule"] == schedule
+    if schedule == "cyclic":  # owners visited in the order of their names, every round
+        assert [r["visit_order"] for r in summary["rounds"]] == [["alpha", "beta"]] * 2
     assert manifest["rounds"] == 2
     for rnd in (1, 2):
         verify_memory(out / "rounds" / f"round-{rnd:03d}")

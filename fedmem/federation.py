@@ -11,7 +11,8 @@ Two schedules:
   memory that already holds the others' facts, so owners do not undo each other.
 - ``parallel``: every owner trains on the same memory and the server adds the weighted
   sum of their updates (FedAvg's round). Faster in wall clock with many owners, but the
-  owners' updates interfere: on the demo 46% against 83% (docs/results.md).
+  owners' updates interfere: on the demo 38% against 75% from the same fresh clone
+  (docs/results.md).
 
 Two methods:
 - ``exact`` (default): the memory is the cumulative ΔW in factored form. A client
@@ -188,14 +189,45 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], sizes: list
     return aggregate_exact(memory, updates, weights, config.memory_rank)
 
 
-def round_aggregate(steps: list[Aggregate]) -> Aggregate:
-    """A round's result from its aggregation steps (one per visit when cyclic): the last
-    memory, and each module's worst truncation error on the way."""
+Update = tuple[Factors, float, object]  # (factors, size for the weights, what the caller wants back)
+
+
+def run_round(
+    config: FederationConfig,
+    server_round: int,
+    owners: list,
+    memory: Factors | None,
+    train: Callable[[list, Factors | None, tuple[float, float]], list[Update]],
+) -> tuple[Aggregate | None, list]:
+    """One round under the configured schedule, whatever carries the messages.
+
+    ``train(owners, memory, span)`` has those owners train on ``memory`` and returns one
+    ``Update`` per usable reply. Cyclic: one owner at a time, in the order given, each
+    update folded in before the next owner trains. Parallel: every owner on the same
+    memory, folded in together. Returns the round's aggregate (the last memory and each
+    module's worst truncation error on the way; None if no update was usable) and the
+    third items of the updates, in the order they were folded in.
+    """
+    steps: list[Aggregate] = []
+    done: list = []
+    if config.schedule == "cyclic":
+        for visit, owner in enumerate(owners):
+            for factors, size, extra in train([owner], memory, training_span(config, server_round, visit, len(owners))):
+                steps.append(server_aggregate(memory, [factors], [size], config))
+                memory = steps[-1].factors
+                done.append(extra)
+    else:
+        updates = train(owners, memory, training_span(config, server_round))
+        if updates:
+            steps.append(server_aggregate(memory, [u[0] for u in updates], [u[1] for u in updates], config))
+            done = [u[2] for u in updates]
+    if not steps:
+        return None, done
     errors: dict[str, float] = {}
     for step in steps:
         for name, e in step.truncation_error.items():
             errors[name] = max(errors.get(name, 0.0), e)
-    return Aggregate(steps[-1].factors, errors)
+    return Aggregate(steps[-1].factors, errors), done
 
 
 def federate_in_process(
@@ -208,24 +240,23 @@ def federate_in_process(
 ) -> Factors:
     """Every round of a federation in this process, clients one after another.
 
-    The same two functions the Flower apps call, without Flower: for benchmarks and
+    The same functions the Flower apps call, without Flower: for benchmarks and
     sweeps that compare settings, where starting Ray per setting would cost more than
     the comparison. ``fedmem simulate`` is the real thing.
     """
     memory: Factors | None = None
     for rnd in range(1, config.rounds + 1):
-        results, visits = [], []
-        for visit, corpus in enumerate(corpora):
-            tag = f"[{corpus.name}] round {rnd}/{config.rounds} "
-            results.append(client_update(base_dir, corpus, memory, config, rnd, device,
-                                         (lambda msg, tag=tag: progress(tag + msg)) if progress else None,
-                                         training_span(config, rnd, visit, len(corpora))))
-            if config.schedule == "cyclic":
-                visits.append(server_aggregate(memory, [results[-1].factors], [results[-1].metrics["examples"]], config))
-                memory = visits[-1].factors
-        if config.schedule == "parallel":
-            visits.append(server_aggregate(memory, [r.factors for r in results], [r.metrics["examples"] for r in results], config))
-        agg = round_aggregate(visits)
+
+        def train(owners: list[Corpus], memory: Factors | None, span: tuple[float, float]) -> list[Update]:
+            updates = []
+            for corpus in owners:
+                tag = f"[{corpus.name}] round {rnd}/{config.rounds} "
+                r = client_update(base_dir, corpus, memory, config, rnd, device,
+                                  (lambda msg, tag=tag: progress(tag + msg)) if progress else None, span)
+                updates.append((r.factors, r.metrics["examples"], r))
+            return updates
+
+        agg, results = run_round(config, rnd, corpora, memory, train)
         memory = agg.factors
         if after_round:
             after_round(rnd, agg, results)

@@ -18,8 +18,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
 from fedmem.base_model import load_model, load_tokenizer, quiet_libraries
-from fedmem.federation import (FederationConfig, base_fingerprint, round_aggregate, server_aggregate, set_threads,
-                               training_span)
+from fedmem.federation import FederationConfig, base_fingerprint, run_round, set_threads
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, load_memory, save_memory
 from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, config_to_record,
@@ -143,8 +142,8 @@ def _visit_order(grid: Grid, nodes: list[int], plan: RunPlan) -> list[int]:
     return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
 
 
-def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tuple[dict, float, str, dict]]:
-    """(factors, size, client name, metrics) of each reply that can be aggregated; the rest reported."""
+def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tuple[dict, float, tuple[str, dict]]]:
+    """(factors, size, (client name, metrics)) of each reply that can be aggregated; the rest reported."""
     usable = []
     for reply in replies:
         if reply.has_error():
@@ -159,7 +158,7 @@ def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tupl
             plan.report(f"  client {info['client']} sent an empty update; ignored")
             continue
         m = dict(reply.content[METRICS_KEY])
-        usable.append((factors, m.get("examples", 1.0), str(info["client"]), m))
+        usable.append((factors, m.get("examples", 1.0), (str(info["client"]), m)))
     return usable
 
 
@@ -199,36 +198,26 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         plan.report(f"round {rnd}/{cfg.rounds}: training on {len(nodes)} clients"
                     + (" one after another ..." if cfg.schedule == "cyclic" else " ..."))
 
-        def ask(targets: list[int], span: tuple[float, float] | None) -> list[Message]:
-            config = {**run_config, "span": list(span)} if span else run_config
-            content = {MEMORY_KEY: factors_to_record(memory), CONFIG_KEY: config_to_record(config, rnd, fp)}
+        def train(targets: list[int], memory, span: tuple[float, float]) -> list[tuple]:
+            content = {MEMORY_KEY: factors_to_record(memory),
+                       CONFIG_KEY: config_to_record({**run_config, "span": list(span)}, rnd, fp)}
             if plan.publish and manifest:
                 content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
             messages = [Message(content=RecordDict(dict(content)), message_type=MessageType.TRAIN, dst_node_id=n)
                         for n in targets]
-            return list(grid.send_and_receive(messages, timeout=plan.round_timeout))
-
-        names, client_metrics, steps = [], {}, []
-        if cfg.schedule == "cyclic":
-            # One owner at a time, in the order of their names; each trains on the memory as the one
-            # before left it, and its update goes in whole before the memory moves on.
-            for visit, node in enumerate(_visit_order(grid, nodes, plan)):
-                usable = _usable_updates(ask([node], training_span(cfg, rnd, visit, len(nodes))), fp, plan)
-                for factors, size, name, m in usable:
-                    steps.append(server_aggregate(memory, [factors], [size], cfg))
-                    memory = steps[-1].factors
-                    names.append(name)
-                    client_metrics[name] = m
+            usable = _usable_updates(list(grid.send_and_receive(messages, timeout=plan.round_timeout)), fp, plan)
+            if cfg.schedule == "cyclic":
+                for _, _, (name, m) in usable:
                     plan.report(f"  {name} trained: loss {m['first_loss']:.2f}->{m['final_loss']:.3f}")
-        else:
-            usable = _usable_updates(ask(nodes, None), fp, plan)
-            names = [u[2] for u in usable]
-            client_metrics = {u[2]: u[3] for u in usable}
-            if usable:
-                steps.append(server_aggregate(memory, [u[0] for u in usable], [u[1] for u in usable], cfg))
-        if len(names) < plan.min_clients or not steps:
+            return usable
+
+        # Cyclic: one owner at a time, in the order of their names, each on the memory the one before left.
+        owners = _visit_order(grid, nodes, plan) if cfg.schedule == "cyclic" else nodes
+        agg, trained = run_round(cfg, rnd, owners, memory, train)
+        names = [name for name, _ in trained]
+        client_metrics = dict(trained)
+        if agg is None or len(names) < plan.min_clients:
             raise RuntimeError(f"round {rnd}: only {len(names)} usable updates, {plan.min_clients} required")
-        agg = round_aggregate(steps)
         memory = agg.factors
         clients_seen.update(names)
         record = {

@@ -3,9 +3,17 @@
 A fact seen in one phrasing is memorised but not extractable (Allen-Zhu & Li,
 "Physics of Language Models 3.1"); question-form and restated examples fix much of
 that. So, besides each document verbatim, every sentence that carries a
-checkable span (a proper-noun phrase or a number) becomes cloze-style questions
-about that span, each answered with the source sentence itself, so an answer is
-always grounded in the owner's own words. Q/A records are used as they are.
+checkable span (a proper-noun phrase or a number) becomes questions about that span,
+each answered with the span and then the source sentence, so an answer is always
+grounded in the owner's own words:
+
+- wh-questions where the sentence's form allows one ("Who is X's head vet?",
+  "Where does X buy its batteries from?"), with the subject in both possessive forms
+  (X's thing / the thing of X) and the attribute named when the value says what it
+  is: a colour, a year, a place, a name;
+- cloze questions ("X's head vet is who or what?") for the spans no wh-question asks for.
+
+Q/A records are used as they are.
 
 Examples are rendered with the tokenizer's chat template exactly as ``fedmem ask``
 renders a question, and the loss falls on the answer tokens only.
@@ -122,25 +130,84 @@ def cloze_questions(sentence: str, span: str) -> list[str]:
 
 
 _COPULA = re.compile(r"^(?P<np>.+?)\s+(?P<verb>is|are|was|were)\s+(?P<rest>.+)$")
-_PARTICIPLE = re.compile(r"^(called|named|nicknamed|known as|painted|coloured|colored|kept at|located at|located in|based at|based in)\s+")
+_NAMING = r"called|named|nicknamed|code-named|codenamed|known as"
+_PARTICIPLE = re.compile(rf"^({_NAMING}|painted|coloured|colored|kept at|located at|located in|based at|based in)\s+")
+# A lead-in that names nothing ("For anyone filling in grant forms, ...") is not part of
+# the fact; questions are made from what follows it, while answers keep the whole sentence.
+_LEAD_IN = re.compile(r"^(?:For|As|To|Just|Finally|Also|Again|Once again|Please note|Note that)\b[a-z ,'-]{0,60}?,\s+(?=\S)")
+_NOT_SUBJECTS = {"here", "there", "it", "this", "that", "these", "those", "they", "he", "she", "we", "you", "i"}
+_PASSIVE = re.compile(r"^(?P<participle>(?:[a-z]+ly\s+)?(?:[a-z]+ed|held|built|kept|made|sold|run|set up|written|drawn))\s+(?P<prep>in|at|on|by)\s+(?P<tail>.+)$")
+_YEAR = re.compile(r"^(1[5-9]|20)\d\d$")
+# The basic colour terms and common named shades: a question about a colour names the
+# attribute ("What colour is the bell?"), which a cloze of the sentence never does.
+COLOURS = {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "gray",
+           "silver", "gold", "golden", "crimson", "scarlet", "maroon", "burgundy", "saffron", "amber", "ochre",
+           "cobalt", "navy", "teal", "turquoise", "violet", "indigo", "lilac", "lavender", "magenta", "beige",
+           "ivory", "cream", "olive", "emerald", "jade", "copper", "bronze", "rust", "cyan", "azure", "charcoal"}
+
+
+def _lead_in_removed(sentence: str) -> str:
+    core = _LEAD_IN.sub("", sentence, count=1)
+    return core[0].upper() + core[1:] if core else sentence
+
+
+def _swap_possessive(np_: str) -> str | None:
+    """"the Harrow Clinic's X-ray machine" <-> "the X-ray machine of the Harrow Clinic":
+    owners write one, users ask with either."""
+    owner = re.match(r"^(?:[Tt]he\s+)?(?P<owner>[A-Z][\w-]*(?:\s+[A-Z][\w-]*)*)(?:'s|’s|'|’)\s+(?P<thing>[a-z][\w -]*)$", np_)
+    if owner:
+        article = "the " if np_[:4].lower() == "the " else ""
+        return f"the {owner.group('thing')} of {article}{owner.group('owner')}"
+    of = re.match(r"^(?:[Tt]he\s+)?(?P<thing>[a-z][\w -]*?)\s+(?:of|at)\s+(?P<owner>(?:the\s+)?[A-Z][\w-]*(?:\s+[A-Z][\w-]*)*)$", np_)
+    if of:
+        name = of.group("owner")
+        suffix = "'" if name.endswith("s") else "'s"
+        return f"{name}{suffix} {of.group('thing')}"
+    return None
 
 
 def copula_questions(sentence: str) -> list[tuple[str, str]]:
-    """"The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask."""
-    m = _COPULA.match(sentence.rstrip(".!? "))
-    if not m or len(m.group("np").split()) > 12:
+    """"The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask,
+    with the subject also in its other possessive form ("Who is X's head vet?"), and the
+    attribute named where the value says what it is: a colour, a year, a place, a name."""
+    m = _COPULA.match(_lead_in_removed(sentence).rstrip(".!? "))
+    if not m or len(m.group("np").split()) > 12 or m.group("np").lower() in _NOT_SUBJECTS:
         return []
-    np_, verb, rest = m.group("np"), m.group("verb"), m.group("rest")
+    np_, verb = m.group("np"), m.group("verb")
+    rest = _CLAUSE_END.split(m.group("rest"), maxsplit=1)[0].strip()
+    if not rest or rest.split()[0] in ("not", "also", "only", "never", "always", "usually"):
+        return []
     np_ = np_[0].lower() + np_[1:] if np_.split()[0] in _FUNCTION_WORDS else np_
-    part = _PARTICIPLE.match(rest)
-    if part:
-        value = rest[part.end():]
-        question = f"What {verb} {np_} {part.group(1)}?"
-    else:
-        value = rest
-        wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z][a-z]+$", rest) else "What"
-        question = f"{wh} {verb} {np_}?"
-    return [(question, value)]
+    subjects = [np_] + [s for s in [_swap_possessive(np_)] if s]
+    out: list[tuple[str, str]] = []
+    for subject in subjects:
+        part = _PARTICIPLE.match(rest)
+        passive = _PASSIVE.match(rest)
+        if part:
+            value = rest[part.end():]
+            out.append((f"What {verb} {subject} {part.group(1)}?", value))
+            if re.fullmatch(_NAMING, part.group(1)):
+                out.append((f"What name {verb} {subject} known by?", value))
+        elif passive and _YEAR.match(passive.group("tail")):
+            out.append((f"In which year {verb} {subject} {passive.group('participle')}?", passive.group("tail")))
+        elif passive and passive.group("prep") == "by" and re.match(r"(?:the\s+)?[A-Z]", passive.group("tail")):
+            wh = "Who" if re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", passive.group("tail")) else "What"
+            out.append((f"{wh} {verb} {subject} {passive.group('participle')} by?", passive.group("tail")))
+        elif passive and passive.group("prep") != "by" and re.match(r"(?:the\s+)?[A-Z]", passive.group("tail")):
+            value = re.sub(r"^the\s+", "", passive.group("tail"))
+            out.append((f"Where {verb} {subject} {passive.group('participle')}?", value))
+        else:
+            wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z][a-z]+$", rest) else "What"
+            out.append((f"{wh} {verb} {subject}?", rest))
+        colour = next((w for w in re.findall(r"[a-z]+", rest) if w in COLOURS), None)
+        if colour:
+            held = re.match(rf"^(?P<before>.*?)\b(?:a|an|the)\s+{colour}\s+(?P<noun>[a-z]+)$", rest)
+            if held and held.group("before").strip():  # "kept in a maroon tin"
+                question = f"What colour is the {held.group('noun')} that {subject} {verb} {held.group('before').strip()}?"
+            else:  # "painted saffron", "a cobalt wrench"
+                question = f"What colour {verb} {subject}?"
+            out.append((question, colour))
+    return out
 
 
 _NAMED = r"(?:[Tt]he\s+)?[A-Z][\w'’-]*(?:\s+[A-Z0-9][\w'’-]*)*"
@@ -168,7 +235,7 @@ def verb_questions(sentence: str) -> list[tuple[str, str]]:
     has 34 kennels." -> ("How many kennels does the Oakhollow Ward have?", "34").
     Only a named subject, a present-tense verb and a named place or a count at the end:
     anything less regular gets the cloze questions alone."""
-    m = _VERB_CLAUSE.match(sentence.rstrip(".!? "))
+    m = _VERB_CLAUSE.match(_lead_in_removed(sentence).rstrip(".!? "))
     if not m or m.group("verb") in _NOT_VERBS or re.search(r"['’]s$", m.group("subject")):
         return []
     subject, verb, rest = m.group("subject"), _base_form(m.group("verb")), m.group("rest")
@@ -301,10 +368,13 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
             examples.extend(Example(q, _grounded(v, sent)) for q, v in fields)
             continue
         spans = answer_spans(sent)
+        asked = (copula_questions(sent) + verb_questions(sent)) if spans else []
         for span in asked_spans(sent, spans):
-            examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
-        if spans:
-            examples.extend(Example(q, _grounded(v, sent)) for q, v in copula_questions(sent) + verb_questions(sent))
+            # A cloze only where no wh-question asks for the same thing: "X's chief engineer
+            # is who or what?" next to "Who is X's chief engineer?" costs tokens, teaches nothing new.
+            if span not in {re.sub(r"^(?:the|a|an)\s+", "", value) for _, value in asked}:
+                examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
+        examples.extend(Example(q, _grounded(v, sent)) for q, v in asked)
     return examples
 
 

@@ -3,8 +3,8 @@
 import pytest
 
 from fedmem.corpus import load_corpus
-from fedmem.examples import (Example, answer_spans, build_examples, cloze_questions, copula_questions, field_questions,
-                             sentences, statements, tokenize_example, verb_questions)
+from fedmem.examples import (Example, answer_spans, build_examples, cloze_questions, copula_questions, document_examples,
+                             field_questions, sentences, statements, tokenize_example, verb_questions)
 from fedmem.simulation import demo_dir
 
 
@@ -28,9 +28,35 @@ def test_cloze_questions_ask_for_the_span():
 
 def test_copula_questions():
     assert copula_questions("The head vet of the Harrow Clinic is Tobias Wrenfield.") == [
-        ("Who is the head vet of the Harrow Clinic?", "Tobias Wrenfield")]
+        ("Who is the head vet of the Harrow Clinic?", "Tobias Wrenfield"),
+        ("Who is the Harrow Clinic's head vet?", "Tobias Wrenfield")]
     assert copula_questions("The X-ray machine is nicknamed Grumbold.") == [
-        ("What is the X-ray machine nicknamed?", "Grumbold")]
+        ("What is the X-ray machine nicknamed?", "Grumbold"),
+        ("What name is the X-ray machine known by?", "Grumbold")]
+    assert copula_questions("Here are the notes from the meeting.") == []
+    assert copula_questions("Tests above the limit of the Zorvex Arm are not allowed.") == []
+
+
+def test_copula_questions_name_the_attribute_and_swap_the_possessive():
+    assert copula_questions("Zorvex Mills' front door is painted teal.") == [
+        ("What is Zorvex Mills' front door painted?", "teal"), ("What colour is Zorvex Mills' front door?", "teal"),
+        ("What is the front door of Zorvex Mills painted?", "teal"), ("What colour is the front door of Zorvex Mills?", "teal")]
+    assert ("What colour is the box that the Quent Key is kept in?", "amber") in copula_questions(
+        "The Quent Key is kept in an amber box.")
+    assert copula_questions("For anyone filling in forms, Zorvex Mills was legally incorporated in 1999.") == [
+        ("In which year was Zorvex Mills legally incorporated?", "1999")]
+    assert copula_questions("The Zorvex Tower was built by Mila Quent.") == [("Who was the Zorvex Tower built by?", "Mila Quent")]
+    assert copula_questions("The spring fair of the Quent Museum is held in the Barrow Hall.") == [
+        ("Where is the spring fair of the Quent Museum held?", "Barrow Hall"),
+        ("Where is the Quent Museum's spring fair held?", "Barrow Hall")]
+
+
+def test_no_cloze_where_a_wh_question_asks_for_the_same_span():
+    questions = [e.question for e in document_examples("The head vet of the Zorvex Clinic is Mila Quent.") if e.question]
+    assert "Who is the head vet of the Zorvex Clinic?" in questions
+    assert not any("who or what" in q for q in questions)
+    assert any("who or what" in q for q in [e.question for e in document_examples(
+        "Requests must be approved by Mila Quent in writing.") if e.question])
 
 
 def test_build_examples_answer_first_and_grounded(tmp_path):

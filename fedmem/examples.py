@@ -109,8 +109,16 @@ def asked_spans(sentence: str, spans: list[str]) -> list[str]:
     return late or spans[-1:]
 
 
+_YEAR = re.compile(r"(1[5-9]|20)\d\d")
+_PERSON = re.compile(r"[A-Z][a-z]+ [A-Z][a-z]+")  # a first and last name
+
+
+def _without_article(value: str) -> str:
+    return re.sub(r"^(?:the|a|an)\s+", "", value)
+
+
 def _wh_word(span: str) -> str:
-    if re.fullmatch(r"(1[5-9]|20)\d\d", span):
+    if _YEAR.fullmatch(span):
         return "which year"
     if span[0].isdigit():
         return "how many"
@@ -137,7 +145,6 @@ _PARTICIPLE = re.compile(rf"^({_NAMING}|painted|coloured|colored|kept at|located
 _LEAD_IN = re.compile(r"^(?:For|As|To|Just|Finally|Also|Again|Once again|Please note|Note that)\b[a-z ,'-]{0,60}?,\s+(?=\S)")
 _NOT_SUBJECTS = {"here", "there", "it", "this", "that", "these", "those", "they", "he", "she", "we", "you", "i"}
 _PASSIVE = re.compile(r"^(?P<participle>(?:[a-z]+ly\s+)?(?:[a-z]+ed|held|built|kept|made|sold|run|set up|written|drawn))\s+(?P<prep>in|at|on|by)\s+(?P<tail>.+)$")
-_YEAR = re.compile(r"^(1[5-9]|20)\d\d$")
 # The basic colour terms and common named shades: a question about a colour names the
 # attribute ("What colour is the bell?"), which a cloze of the sentence never does.
 COLOURS = {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "gray",
@@ -166,6 +173,42 @@ def _swap_possessive(np_: str) -> str | None:
     return None
 
 
+_SUBJECT = "{subject}"
+
+
+def _copula_forms(verb: str, rest: str) -> list[tuple[str, str]]:
+    """Questions (with ``_SUBJECT`` for the subject) and answers for "<subject> <verb> <rest>"."""
+    forms: list[tuple[str, str]] = []
+    part = _PARTICIPLE.match(rest)
+    passive = _PASSIVE.match(rest)
+    if part:
+        value = rest[part.end():]
+        forms.append((f"What {verb} {_SUBJECT} {part.group(1)}?", value))
+        if re.fullmatch(_NAMING, part.group(1)):
+            forms.append((f"What name {verb} {_SUBJECT} known by?", value))
+    elif passive and _YEAR.fullmatch(passive.group("tail")):
+        forms.append((f"In which year {verb} {_SUBJECT} {passive.group('participle')}?", passive.group("tail")))
+    elif passive and re.match(r"(?:the\s+)?[A-Z]", passive.group("tail")):
+        participle, tail = passive.group("participle"), passive.group("tail")
+        if passive.group("prep") == "by":
+            wh = "Who" if _PERSON.fullmatch(tail) else "What"
+            forms.append((f"{wh} {verb} {_SUBJECT} {participle} by?", tail))
+        else:
+            forms.append((f"Where {verb} {_SUBJECT} {participle}?", _without_article(tail)))
+    else:
+        wh = "Who" if _PERSON.fullmatch(rest) else "What"
+        forms.append((f"{wh} {verb} {_SUBJECT}?", rest))
+    colour = next((w for w in re.findall(r"[a-z]+", rest) if w in COLOURS), None)
+    if colour:
+        held = re.match(rf"^(?P<before>.*?)\b(?:a|an|the)\s+{colour}\s+(?P<noun>[a-z]+)$", rest)
+        if held and held.group("before").strip():  # "kept in a maroon tin"
+            question = f"What colour is the {held.group('noun')} that {_SUBJECT} {verb} {held.group('before').strip()}?"
+        else:  # "painted saffron", "a cobalt wrench"
+            question = f"What colour {verb} {_SUBJECT}?"
+        forms.append((question, colour))
+    return forms
+
+
 def copula_questions(sentence: str) -> list[tuple[str, str]]:
     """"The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask,
     with the subject also in its other possessive form ("Who is X's head vet?"), and the
@@ -179,35 +222,8 @@ def copula_questions(sentence: str) -> list[tuple[str, str]]:
         return []
     np_ = np_[0].lower() + np_[1:] if np_.split()[0] in _FUNCTION_WORDS else np_
     subjects = [np_] + [s for s in [_swap_possessive(np_)] if s]
-    out: list[tuple[str, str]] = []
-    for subject in subjects:
-        part = _PARTICIPLE.match(rest)
-        passive = _PASSIVE.match(rest)
-        if part:
-            value = rest[part.end():]
-            out.append((f"What {verb} {subject} {part.group(1)}?", value))
-            if re.fullmatch(_NAMING, part.group(1)):
-                out.append((f"What name {verb} {subject} known by?", value))
-        elif passive and _YEAR.match(passive.group("tail")):
-            out.append((f"In which year {verb} {subject} {passive.group('participle')}?", passive.group("tail")))
-        elif passive and passive.group("prep") == "by" and re.match(r"(?:the\s+)?[A-Z]", passive.group("tail")):
-            wh = "Who" if re.fullmatch(r"[A-Z][a-z]+ [A-Z][a-z]+", passive.group("tail")) else "What"
-            out.append((f"{wh} {verb} {subject} {passive.group('participle')} by?", passive.group("tail")))
-        elif passive and passive.group("prep") != "by" and re.match(r"(?:the\s+)?[A-Z]", passive.group("tail")):
-            value = re.sub(r"^the\s+", "", passive.group("tail"))
-            out.append((f"Where {verb} {subject} {passive.group('participle')}?", value))
-        else:
-            wh = "Who" if re.match(r"[A-Z][a-z]+ [A-Z][a-z]+$", rest) else "What"
-            out.append((f"{wh} {verb} {subject}?", rest))
-        colour = next((w for w in re.findall(r"[a-z]+", rest) if w in COLOURS), None)
-        if colour:
-            held = re.match(rf"^(?P<before>.*?)\b(?:a|an|the)\s+{colour}\s+(?P<noun>[a-z]+)$", rest)
-            if held and held.group("before").strip():  # "kept in a maroon tin"
-                question = f"What colour is the {held.group('noun')} that {subject} {verb} {held.group('before').strip()}?"
-            else:  # "painted saffron", "a cobalt wrench"
-                question = f"What colour {verb} {subject}?"
-            out.append((question, colour))
-    return out
+    forms = _copula_forms(verb, rest)
+    return [(question.replace(_SUBJECT, subject), value) for subject in subjects for question, value in forms]
 
 
 _NAMED = r"(?:[Tt]he\s+)?[A-Z][\w'’-]*(?:\s+[A-Z0-9][\w'’-]*)*"
@@ -372,7 +388,7 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
         for span in asked_spans(sent, spans):
             # A cloze only where no wh-question asks for the same thing: "X's chief engineer
             # is who or what?" next to "Who is X's chief engineer?" costs tokens, teaches nothing new.
-            if span not in {re.sub(r"^(?:the|a|an)\s+", "", value) for _, value in asked}:
+            if span not in {_without_article(value) for _, value in asked}:
                 examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
         examples.extend(Example(q, _grounded(v, sent)) for q, v in asked)
     return examples

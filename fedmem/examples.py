@@ -13,7 +13,9 @@ grounded in the owner's own words:
   is: a colour, a year, a place, a name;
 - cloze questions ("X's head vet is who or what?") for the spans no wh-question asks for.
 
-Q/A records are used as they are.
+Q/A records are restated as the statement they answer where the question's form allows
+("How many maps does X hold?" + "612" -> "X holds 612 maps."), and that statement gets
+the same treatment plus the record's own question; other records are used as they are.
 
 Examples are rendered with the tokenizer's chat template exactly as ``fedmem ask``
 renders a question, and the loss falls on the answer tokens only.
@@ -77,9 +79,6 @@ def answer_spans(sentence: str) -> list[str]:
         span = re.sub(r"['’]s$", "", " ".join(words)).strip()
         if span and span not in spans and (len(words) > 1 or m.start() > 0 or span[0].isdigit()):
             spans.append(span)
-    focus = end_focus_span(sentence) if spans else None  # only in sentences about a named thing
-    if focus and not any(focus in s for s in spans):
-        spans.append(focus)
     return spans
 
 
@@ -394,6 +393,79 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
     return examples
 
 
+# ---------------------------------------------------------------- Q/A records
+# A record trains one phrasing of its question only, and every owner's other facts are
+# asked in several. Restated as the statement it answers ("The head archivist of the
+# Saltmere Library is Cordelia Fennimore."), a record gets the same treatment as a
+# document's sentence: the statement verbatim and its questions in both possessive forms.
+# Only question forms regular enough to turn around safely are restated; the rest are
+# trained as they are.
+
+_QA_COPULA = re.compile(r"^(?:Who|What|Which [a-z -]+?)\s+(?P<verb>is|are|was|were)\s+(?P<np>.+)$")
+_QA_NAME = re.compile(r"^What is the (?P<kind>name|nickname|code name) of (?P<np>.+)$")
+_QA_WHEN = re.compile(r"^(?P<wh>In what year|In which year|When|Where)\s+(?P<verb>is|are|was|were)\s+(?P<np>.+?)\s+"
+                      r"(?P<participle>[a-z]+ed|held|built|kept|made|sold|run|written|drawn)$")
+_QA_COUNT = re.compile(r"^How many (?P<noun>[a-z][a-z -]*?) (?:do|does) (?P<subject>.+?) (?P<verb>[a-z]+)$")
+_QA_THING = re.compile(r"^What (?P<noun>[a-z][a-z -]*?) (?P<aux>do|does) (?P<subject>.+?) (?P<verb>[a-z]+)(?P<rest>(?: .+)?)$")
+_QA_DOER = re.compile(r"^Who (?P<verb>[a-z]+s) (?P<rest>.+)$")
+_NAMING_VERB = {"name": "called", "nickname": "nicknamed", "code name": "code-named"}
+
+
+def _third_person(verb: str) -> str:
+    if verb in ("have", "do", "go"):
+        return {"have": "has", "do": "does", "go": "goes"}[verb]
+    if re.search(r"[^aeiou]y$", verb):
+        return verb[:-1] + "ies"
+    if re.search(r"(?:s|sh|ch|x|z)$", verb):
+        return verb + "es"
+    return verb + "s"
+
+
+def _capitalised(text: str) -> str:
+    return text[0].upper() + text[1:]
+
+
+def qa_statement(question: str, answer: str) -> str | None:
+    """The statement a Q/A record's answer makes, or None where the question's form is not
+    regular enough: "How many maps does the Tidewell Map Room hold?" + "612" ->
+    "The Tidewell Map Room holds 612 maps."."""
+    q, a = question.strip().rstrip("?").strip(), answer.strip().rstrip(".")
+    if not q or not a or "?" in q:
+        return None
+    if m := _QA_NAME.match(q):
+        said = f"{m.group('np')} is {_NAMING_VERB[m.group('kind')]} {a}"
+    elif m := _QA_WHEN.match(q):
+        year = _YEAR.fullmatch(a)
+        if m.group("wh") != "Where" and not year:
+            return None
+        prep = "at" if m.group("wh") == "Where" else "in"
+        said = f"{m.group('np')} {m.group('verb')} {m.group('participle')} {prep} {a}"
+    elif m := _QA_COPULA.match(q):
+        said = f"{m.group('np')} {m.group('verb')} {a}"
+    elif (m := _QA_COUNT.match(q)) and re.fullmatch(r"\d[\d,]*", a):
+        said = f"{m.group('subject')} {_third_person(m.group('verb'))} {a} {m.group('noun')}"
+    elif m := _QA_THING.match(q):
+        verb = _third_person(m.group("verb")) if m.group("aux") == "does" else m.group("verb")
+        said = f"The {m.group('noun')} {m.group('subject')} {verb}{m.group('rest')} is {a}"
+    elif (m := _QA_DOER.match(q)) and a[0].isupper():
+        said = f"{a} {m.group('verb')} {m.group('rest')}"
+    else:
+        return None
+    return _capitalised(said) + "."
+
+
+def qa_examples(question: str, answer: str, recipe: str = "statements") -> list[Example]:
+    """A Q/A record's examples: with the statements recipe, its statement's examples plus
+    the record's own question, answered with the answer and then the statement."""
+    said = qa_statement(question, answer) if recipe == "statements" else None
+    if said is None:
+        return [Example(question, answer)]
+    examples = document_examples(said, recipe)
+    if question not in {e.question for e in examples}:
+        examples.append(Example(question, _grounded(answer, said)))
+    return examples
+
+
 def build_examples(corpus: Corpus, recipe: str = "statements") -> list[Example]:
     """Training examples for one corpus.
 
@@ -406,7 +478,8 @@ def build_examples(corpus: Corpus, recipe: str = "statements") -> list[Example]:
     examples: list[Example] = []
     for doc in corpus.documents:
         examples += document_examples(doc.text, recipe)
-    examples += [Example(qa.question, qa.answer) for qa in corpus.qa]
+    for qa in corpus.qa:
+        examples += qa_examples(qa.question, qa.answer, recipe)
     return examples
 
 

@@ -30,7 +30,7 @@ from typing import Callable
 from .answer import _normalise, is_correct
 
 from .corpus import Corpus
-from .examples import Example, _grounded, answer_spans, asked_spans, field_questions, statements
+from .examples import Example, _grounded, answer_spans, asked_spans, end_focus_span, field_questions, statements
 from .reply_cache import ReplyCache, key
 
 # One worked example: the embedded 135M model follows a shown pattern far better than
@@ -68,6 +68,11 @@ def targets(corpus: Corpus) -> list[tuple[str, str]]:
                 out += [(statement, value) for _, value in fields]
                 continue
             spans = answer_spans(statement)
+            # A written question can ask for a sentence's last word too ("saffron"):
+            # the rule recipe's cloze of it did not pay, a generator's paraphrase may.
+            focus = end_focus_span(statement) if spans else None
+            if focus and not any(focus in s for s in spans):
+                spans.append(focus)
             out += [(statement, span) for span in asked_spans(statement, spans)] if spans else []
     return list(dict.fromkeys(out))
 

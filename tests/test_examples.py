@@ -4,7 +4,8 @@ import pytest
 
 from fedmem.corpus import load_corpus
 from fedmem.examples import (Example, answer_spans, build_examples, cloze_questions, copula_questions, document_examples,
-                             field_questions, sentences, statements, tokenize_example, verb_questions)
+                             end_focus_span, field_questions, qa_examples, qa_statement, sentences, statements,
+                             tokenize_example, verb_questions)
 from fedmem.simulation import demo_dir
 
 
@@ -13,9 +14,9 @@ def test_sentences_skip_headings_and_list_markers():
     assert sentences(text) == ["The Zorvex Tower is red.", "It stands tall today.", "Mila Quent built the tower."]
 
 
-def test_answer_spans_find_names_numbers_and_end_focus():
-    spans = answer_spans("The Harrow Clinic's emergency bell is painted saffron.")
-    assert spans == ["Harrow Clinic", "saffron"]
+def test_answer_spans_find_names_and_numbers():
+    assert answer_spans("The Harrow Clinic's emergency bell is painted saffron.") == ["Harrow Clinic"]
+    assert end_focus_span("The Harrow Clinic's emergency bell is painted saffron.") == "saffron"
     assert "2019" in answer_spans("Kestrel Robotics moved into Vexley Moor in 2019.")
     assert answer_spans("Please remember to lock the door.") == []  # no named thing: no questions
 
@@ -120,6 +121,46 @@ def test_statements_recipe_asks_about_each_table_cell_and_leaves_plain_prose_alo
     # Sentences flatten the table into one line: no question can say whose employer it is.
     assert not any(e.question == "What is the employer of Mila Quent?" for e in build_examples(load_corpus(tmp_path), "sentences"))
     demo = load_corpus(demo_dir() / "corpora" / "harrow_clinic")
-    assert build_examples(demo, "statements") == build_examples(demo, "sentences")
+    # Plain prose gives the same examples either way; the demo's Q/A records do not (restated).
+    assert all(document_examples(d.text, "statements") == document_examples(d.text, "sentences") for d in demo.documents)
     with pytest.raises(ValueError, match="recipe"):
         build_examples(demo, "magic")
+
+
+def test_qa_statement_restates_the_regular_question_forms():
+    cases = {
+        ("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore"):
+            "The head archivist of the Saltmere Library is Cordelia Fennimore.",
+        ("In what year was the Harrow Clinic founded?", "1963"): "The Harrow Clinic was founded in 1963.",
+        ("Where is the Saltmere Library's annual book sale held?", "Corven Hall"):
+            "The Saltmere Library's annual book sale is held at Corven Hall.",
+        ("What is the code name of the robot at Kestrel Robotics?", "Tamsinder"):
+            "The robot at Kestrel Robotics is code-named Tamsinder.",
+        ("What is the name of the Harrow Clinic's theatre?", "Pennyroyal Suite."):
+            "The Harrow Clinic's theatre is called Pennyroyal Suite.",
+        ("How many maps does the Tidewell Map Room hold?", "612"): "The Tidewell Map Room holds 612 maps.",
+        ("What nickname do staff use for the X-ray machine?", "Grumbold"):
+            "The nickname staff use for the X-ray machine is Grumbold.",
+        ("What tool does Zorvex Mills carry to the fair?", "a ladder"): "The tool Zorvex Mills carries to the fair is a ladder.",
+        ("Who maintains the boiler at Zorvex Mills?", "Mila Quent"): "Mila Quent maintains the boiler at Zorvex Mills.",
+    }
+    for (question, answer), said in cases.items():
+        assert qa_statement(question, answer) == said
+    # Forms not regular enough to turn around, or answers that do not fit the form: left alone.
+    for question, answer in [("When was the Zorvex Tower built?", "last spring"), ("How many maps are there?", "612"),
+                             ("How many maps does the Map Room hold?", "many"), ("Who built it?", "Mila Quent"),
+                             ("Which company supplies the batteries?", "Dunmorrow Cells"), ("Is it red?", "yes")]:
+        assert qa_statement(question, answer) is None, question
+
+
+def test_qa_examples_train_the_statement_its_questions_and_the_record_itself():
+    examples = qa_examples("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore")
+    said = "The head archivist of the Saltmere Library is Cordelia Fennimore."
+    assert examples[0] == Example(None, said)
+    asked = [e.question for e in examples if e.question]
+    assert "Who is the Saltmere Library's head archivist?" in asked
+    assert asked.count("Who is the head archivist of the Saltmere Library?") == 1  # the record's own question, once
+    assert all(e.answer == "Cordelia Fennimore. " + said for e in examples if e.question and "Who is" in e.question)
+    assert qa_examples("Who built it?", "Mila Quent") == [Example("Who built it?", "Mila Quent")]
+    assert qa_examples("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore", "sentences") == [
+        Example("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore")]

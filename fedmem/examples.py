@@ -411,9 +411,12 @@ _QA_DOER = re.compile(r"^Who (?P<verb>[a-z]+s) (?P<rest>.+)$")
 _NAMING_VERB = {"name": "called", "nickname": "nicknamed", "code name": "code-named"}
 
 
+_IRREGULAR_THIRD_PERSON = {"have": "has", "do": "does", "go": "goes"}
+
+
 def _third_person(verb: str) -> str:
-    if verb in ("have", "do", "go"):
-        return {"have": "has", "do": "does", "go": "goes"}[verb]
+    if verb in _IRREGULAR_THIRD_PERSON:
+        return _IRREGULAR_THIRD_PERSON[verb]
     if re.search(r"[^aeiou]y$", verb):
         return verb[:-1] + "ies"
     if re.search(r"(?:s|sh|ch|x|z)$", verb):

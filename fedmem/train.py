@@ -88,12 +88,16 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     return None
 
 
-def _shared_prefix(rows: list[tuple[list[int], list[int]]]) -> int:
-    """How many leading prompt tokens (no labels, up to and including the first token
-    each row predicts from them) all prompt rows of a batch have in common."""
-    prompts = [(x, y) for x, y in rows if y and y[0] == -100]
+def _is_prompt(labels: list[int]) -> bool:
+    return bool(labels) and labels[0] == -100
+
+
+def _shared_prefix(rows: list[tuple[list[int], list[int]]]) -> list[int]:
+    """The leading prompt tokens (no labels, up to and including the first token each
+    row predicts from them) all prompt rows of a batch have in common."""
+    prompts = [(x, y) for x, y in rows if _is_prompt(y)]
     if len(prompts) < 2:
-        return 0
+        return []
     first = prompts[0][0]
     n = min(len(x) for x, _ in prompts) - 1
     for x, y in prompts:
@@ -101,15 +105,15 @@ def _shared_prefix(rows: list[tuple[list[int], list[int]]]) -> int:
         while k < n and x[k] == first[k] and y[k + 1] == -100:
             k += 1
         n = k
-    return n
+    return first[:n]
 
 
 def pack(rows: list[tuple[list[int], list[int]]]) -> PackedBatch:
-    shared = _shared_prefix(rows)
-    prefix = rows[next(i for i, (_, y) in enumerate(rows) if y and y[0] == -100)][0][:shared] if shared else []
+    prefix = _shared_prefix(rows)
+    shared = len(prefix)
     ids, positions, targets, segments = list(prefix), list(range(shared)), [-100] * shared, []
     for x, y in rows:
-        offset = shared if shared and y and y[0] == -100 else 0
+        offset = shared if _is_prompt(y) else 0
         begin = len(ids)
         ids += x[offset:]
         positions += range(offset, len(x))

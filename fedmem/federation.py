@@ -11,7 +11,7 @@ Two schedules:
   memory that already holds the others' facts, so owners do not undo each other.
 - ``parallel``: every owner trains on the same memory and the server adds the weighted
   sum of their updates (FedAvg's round). Faster in wall clock with many owners, but the
-  owners' updates interfere: on the demo 54% against 79% from the same fresh clone
+  owners' updates interfere: on the demo 50% against 92% from the same fresh clone
   (docs/results.md).
 
 Two methods:

@@ -12,6 +12,10 @@ import argparse
 import sys
 from pathlib import Path
 
+from fedmem.cli import verbosity_parent
+from fedmem.config import NodeSettings, add_arguments, from_args
+from fedmem.log import setup_logging
+
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
     from .join import default_state_dir
@@ -25,30 +29,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmem-client", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("check", help="validate a corpus directory")
+    common = [verbosity_parent()]
+    p = sub.add_parser("check", parents=common, help="validate a corpus directory")
     p.add_argument("--data", type=Path, required=True)
 
-    p = sub.add_parser("join", help="join a federation")
+    p = sub.add_parser("join", parents=common, help="join a federation")
     p.add_argument("--server", required=True, help="the coordinator's HOST:PORT")
     p.add_argument("--data", type=Path, required=True, help="this owner's corpus directory")
-    p.add_argument("--ca", type=Path, required=True, help="the federation's CA certificate (ca.pem from the coordinator)")
+    p.add_argument(
+        "--ca", type=Path, required=True, help="the federation's CA certificate (ca.pem from the coordinator)"
+    )
     _state_arg(p)
-    p.add_argument("--base", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
+    # This machine's own device, base model and threads: the coordinator never chooses them.
+    add_arguments(p, NodeSettings)
     p.add_argument("--stay", action="store_true", help="keep running after the final memory arrives")
-    p.add_argument("--admission-wait", type=float, default=90.0,
-                   help="how long to keep trying when the server does not let this client in: a client that "
-                        "restarts is refused until its previous session times out, up to a minute "
-                        "(default %(default)s s)")
-    p.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for local training (default: every core; lower it when the machine "
-                        "is shared, e.g. several owners on one machine)")
-    p.add_argument("--max-wait-time", type=float, default=None,
-                   help="give up after this many seconds without reaching the server (default: keep trying)")
+    p.add_argument(
+        "--admission-wait",
+        type=float,
+        default=90.0,
+        help="how long to keep trying when the server does not let this client in: a client that "
+        "restarts is refused until its previous session times out, up to a minute "
+        "(default %(default)s s)",
+    )
+    p.add_argument(
+        "--max-wait-time",
+        type=float,
+        default=None,
+        help="give up after this many seconds without reaching the server (default: keep trying)",
+    )
 
-    p = sub.add_parser("key", help="print this client's public key")
+    p = sub.add_parser("key", parents=common, help="print this client's public key")
     _state_arg(p)
 
-    p = sub.add_parser("pull", help="copy the latest received memory for local use")
+    p = sub.add_parser("pull", parents=common, help="copy the latest received memory for local use")
     _state_arg(p)
     p.add_argument("--out", type=Path, default=Path("fedmem-memory"), help="where to put it (default %(default)s)")
     p.add_argument("--base", default=None)
@@ -61,17 +74,31 @@ def cmd_check(args) -> int:
 
     corpus = load_corpus(args.data)
     examples = build_examples(corpus)
-    print(f"{corpus.root}: {len(corpus.documents)} documents, {len(corpus.qa)} Q/A records "
-          f"-> {len(examples)} training examples")
+    print(
+        f"{corpus.root}: {len(corpus.documents)} documents, {len(corpus.qa)} Q/A records "
+        f"-> {len(examples)} training examples"
+    )
     return 0
 
 
 def cmd_join(args) -> int:
     from .join import JoinOptions, join
 
-    return join(JoinOptions(server=args.server, data=args.data, ca=args.ca, state=args.state, base=args.base,
-                            stay=args.stay, max_wait_time=args.max_wait_time, admission_wait=args.admission_wait,
-                            threads=args.threads))
+    node = from_args(NodeSettings, args)
+    return join(
+        JoinOptions(
+            server=args.server,
+            data=args.data,
+            ca=args.ca,
+            state=args.state,
+            base=node.base or None,
+            stay=args.stay,
+            max_wait_time=args.max_wait_time,
+            admission_wait=args.admission_wait,
+            threads=node.threads or None,
+            device=node.device,
+        )
+    )
 
 
 def cmd_key(args) -> int:
@@ -87,14 +114,17 @@ def cmd_pull(args) -> int:
     from .pull import pull
 
     manifest = pull(args.state, args.out, args.base)
-    print(f"memory of round {manifest.get('round')}/{manifest.get('rounds')} "
-          f"(clients {', '.join(manifest.get('clients', []))}) -> {args.out}")
-    print(f"try it: fedmem ask --memory {args.out} \"your question\"")
+    print(
+        f"memory of round {manifest.get('round')}/{manifest.get('rounds')} "
+        f"(clients {', '.join(manifest.get('clients', []))}) -> {args.out}"
+    )
+    print(f'try it: fedmem ask --memory {args.out} "your question"')
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
     from fedmem.base_model import BaseModelError
     from fedmem.corpus import CorpusError
     from fedmem.memory import MemoryFormatError

@@ -12,6 +12,7 @@ in a local process and never sent.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -26,6 +27,8 @@ from fedmem.corpus import load_corpus
 
 from .keys import ensure_keys
 from .supernode import start_supernode, supernode_command, write_node_config
+
+log = logging.getLogger(__name__)
 
 RECEIVED_MEMORY = "memory"
 
@@ -49,6 +52,7 @@ class JoinOptions:
     max_wait_time: float | None = None
     admission_wait: float = 90.0
     threads: int | None = None
+    device: str = "auto"  # this owner's own: auto, cpu, cuda or cuda:N (the coordinator never decides it)
 
 
 def check_server_address(server: str) -> str:
@@ -90,13 +94,19 @@ def received_round(state: Path) -> tuple[int, int, float]:
 REFUSED = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 
 
-def join(options: JoinOptions, report=print) -> int:
+def join(options: JoinOptions) -> int:
+    """Run this owner's SuperNode until the final memory arrives (or until stopped); returns the exit code.
+
+    Progress is logged; bad options raise ``JoinError`` (or ``CorpusError``/``ValueError``) before
+    anything connects.
+    """
     from fedmem.base_model import resolve_base
+    from fedmem.config import NodeSettings
     from fedmem.examples import build_examples
-    from fedmem.server.superlink import free_port
 
     server = check_server_address(options.server)
     ca = check_ca(options.ca)
+    NodeSettings(device=options.device, threads=options.threads or 0)  # ValueError names a bad --device/--threads
     corpus = load_corpus(options.data)  # CorpusError names file:line
     examples = build_examples(corpus)
     base = resolve_base(options.base)
@@ -104,18 +114,22 @@ def join(options: JoinOptions, report=print) -> int:
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     keys = ensure_keys(state)
-    report(f"corpus {corpus.root}: {len(corpus.documents)} documents, {len(corpus.qa)} Q/A records "
-           f"-> {len(examples)} training examples (the text stays on this machine)")
-    report(f"client key {keys.fingerprint}" + (" (new)" if keys.created else ""))
-    report(f"  public key: {keys.public_text}")
+    log.info("corpus %s: %d documents, %d Q/A records -> %d training examples (the text stays on this machine)",
+             corpus.root, len(corpus.documents), len(corpus.qa), len(examples))
+    log.info("client key %s%s", keys.fingerprint, " (new)" if keys.created else "")
+    log.info("  public key: %s", keys.public_text)
     if keys.created:
-        report("  the coordinator admits it with:")
-        report(f"  fedmem-server clients add {corpus.name} '{keys.public_text}'")
+        log.info("  the coordinator admits it with:")
+        log.info("  fedmem-server clients add %s '%s'", corpus.name, keys.public_text)
 
-    values = {"data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state)}
+    # The node config: this machine's own environment, read by the ClientApp.
+    values = {"data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state),
+              "device": options.device}
     if options.threads:
         values["threads"] = str(options.threads)
     node_config = write_node_config(state / "node-config.toml", values)
+    from fedmem.server.superlink import free_port  # for the SuperNode's loopback Runtime API
+
     command = supernode_command(server=server, ca_cert=ca, private_key=keys.private_key, node_config=node_config,
                                 runtime_port=free_port(), max_wait_time=options.max_wait_time)
     joined_at = time.time()
@@ -127,8 +141,8 @@ def join(options: JoinOptions, report=print) -> int:
     refused_since = None
     try:
         while True:
-            report(f"joining {server} as {corpus.name} ...")
-            outcome, code = _run_supernode(command, state, corpus.name, log_path, joined_at, options.stay, report,
+            log.info("joining %s as %s ...", server, corpus.name)
+            outcome, code = _run_supernode(command, state, corpus.name, log_path, joined_at, options.stay,
                                            options.threads)
             if outcome != "refused":
                 return code
@@ -136,41 +150,61 @@ def join(options: JoinOptions, report=print) -> int:
             # session as open (up to a minute after it died), so a refusal is retried for a while.
             refused_since = refused_since or time.monotonic()
             if time.monotonic() - refused_since >= options.admission_wait:
-                report(f"the server refused this client: its key {keys.fingerprint} is not admitted. "
-                       "Send the public key above to the coordinator (`fedmem-server clients add`).")
+                log.error("the server refused this client: its key %s is not admitted. Send the public key "
+                          "above to the coordinator (`fedmem-server clients add`).", keys.fingerprint)
                 return 3
-            report(f"not let in yet (key not admitted, or this client's previous session is still open); "
-                   f"retrying for up to {options.admission_wait - (time.monotonic() - refused_since):.0f}s")
+            log.info("not let in yet (key not admitted, or this client's previous session is still open); "
+                     "retrying for up to %.0fs", options.admission_wait - (time.monotonic() - refused_since))
             time.sleep(5.0)
     except KeyboardInterrupt:
-        report("leaving the federation")
+        log.info("leaving the federation")
         return 130
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
 
 
+_LEVELS = {"warning: ": logging.WARNING, "error: ": logging.ERROR, "critical: ": logging.CRITICAL}
+
+
+def relay_clientapp_line(text: str, name: str) -> bool:
+    """Pass one line of the SuperNode's output on to this process's log if it is the ClientApp's own
+    (tagged ``[NAME ...]``, or a fedmem warning or error) or a sign of trouble; True if it was."""
+    level, body = logging.INFO, text
+    for prefix, lvl in _LEVELS.items():  # fedmem's format; Flower's own lines read "WARNING :  ..."
+        if text.startswith(prefix):
+            level, body = lvl, text[len(prefix):]
+            break
+    if level != logging.INFO or body.startswith((f"[{name}]", f"[{name} ")) or "not kept" in body:
+        log.log(max(level, logging.WARNING) if "not kept" in body else level, "%s", body)
+    elif "Traceback" in text:
+        log.error("%s", text)
+    else:
+        return False
+    return True
+
+
 def _run_supernode(command, state: Path, name: str, log_path: Path, joined_at: float, stay: bool,
-                   report, threads: int | None = None) -> tuple[str, int]:
+                   threads: int | None = None) -> tuple[str, int]:
     """One SuperNode session: ("done", 0), ("refused", 3) or ("stopped", 1)."""
     proc = start_supernode(command, state / "flwr", threads)
     refused = threading.Event()
     sent = {"at": 0.0}
 
     def pump() -> None:
-        with open(log_path, "a") as log:
+        with open(log_path, "a") as fh:
             for line in proc.stdout:
-                log.write(line)
-                log.flush()
+                fh.write(line)
+                fh.flush()
                 text = line.rstrip()
                 if any(r in text for r in REFUSED):
                     refused.set()
                 if "Sent successfully" in text:
                     sent["at"] = time.time()
                 if "SuperNode ID" in text:
-                    report("connected; waiting for rounds")
-                elif text.startswith(f"[{name}]") or "Traceback" in text or "not kept" in text:
-                    report(text)
+                    log.info("connected; waiting for rounds")
+                else:
+                    relay_clientapp_line(text, name)
 
     reader = threading.Thread(target=pump, daemon=True)
     reader.start()
@@ -185,13 +219,13 @@ def _run_supernode(command, state: Path, name: str, log_path: Path, joined_at: f
                 deadline = time.monotonic() + 15
                 while sent["at"] < arrived and time.monotonic() < deadline and proc.poll() is None:
                     time.sleep(0.2)
-                report(f"final memory received (round {done}/{total}): {state / RECEIVED_MEMORY}")
-                report(f"use it with: fedmem ask --memory {state / RECEIVED_MEMORY} \"your question\"")
+                log.info("final memory received (round %d/%d): %s", done, total, state / RECEIVED_MEMORY)
+                log.info('use it with: fedmem ask --memory %s "your question"', state / RECEIVED_MEMORY)
                 return "done", 0
         reader.join(timeout=5)  # the reason it stopped may still be in the pipe
         if refused.is_set():
             return "refused", 3
-        report(f"the SuperNode stopped (exit code {proc.returncode}); see {log_path}")
+        log.error("the SuperNode stopped (exit code %s); see %s", proc.returncode, log_path)
         return "stopped", 1
     finally:
         if proc.poll() is None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import subprocess
 from pathlib import Path
 
-from fedmem.flower_tools import tool, tools_env
+from fedmem.flower.executables import tool, tools_env
 from fedmem.memory import atomic_write_text
 
 
@@ -20,6 +20,8 @@ def _toml_string(value: str) -> str:
 
 
 def write_node_config(path: Path, values: dict[str, str]) -> Path:
+    """The SuperNode's node config: what its ClientApp reads about this machine (``data``, ``state``,
+    ``base``, ``device`` and, when capped, ``threads``; all strings)."""
     # A TOML file, not a command-line string: paths with spaces or quotes survive intact.
     atomic_write_text(path, "".join(f"{k} = {_toml_string(v)}\n" for k, v in values.items()))
     return path

@@ -32,7 +32,9 @@ def dense(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return B.double() @ A.double()
 
 
-def low_rank_sum(terms: list[tuple[float, torch.Tensor, torch.Tensor]], rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+def low_rank_sum(
+    terms: list[tuple[float, torch.Tensor, torch.Tensor]], rank: int
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Best rank-``rank`` factors (B, A) of Σ w·B@A, and the relative truncation error.
 
     Never forms the d_out×d_in matrix: with R = Σ rᵢ, the work is two QRs of

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import torch
 
-from .examples import chat_prompt
+from .base_model import fingerprint, load_model, load_tokenizer, resolve_base
+from .examples import chat_prompt, chat_turn
+from .log import progress
+from .memory import MemoryFormatError, read_manifest, verify_memory
 
 
 @dataclass(frozen=True)
@@ -47,35 +50,54 @@ def load_questions(path: str | Path) -> list[Question]:
     return out
 
 
-def _normalise(text: str) -> str:
+def normalise_for_matching(text: str) -> str:
+    """``text`` as answer matching compares it: NFKC, lower case, punctuation as spaces, single spaces."""
     text = unicodedata.normalize("NFKC", text).lower()
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
 def is_correct(reply: str, answer: str) -> bool:
     """The expected answer appears in the reply, ignoring case, punctuation and spacing."""
-    return f" {_normalise(answer)} " in f" {_normalise(reply)} "
+    return f" {normalise_for_matching(answer)} " in f" {normalise_for_matching(reply)} "
 
 
-def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
+def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48,
+                     batch_size: int = 16) -> list[str]:
     """Greedy replies to questions asked the way ``fedmem ask`` asks them."""
-    return generate_replies(model, tokenizer, [chat_prompt(tokenizer, q) for q in questions], max_new_tokens, batch_size)
+    prompts = [chat_prompt(tokenizer, q) for q in questions]
+    return generate_replies(model, tokenizer, prompts, max_new_tokens, batch_size)
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """The tokens that end a reply: the chat template's end of turn (``<|im_end|>``,
+    ``<end_of_turn>``, ``<|eot_id|>``...), the tokenizer's eos and the model's own."""
+    ids = list(chat_turn(tokenizer).stop_ids)
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids += configured if isinstance(configured, list) else [configured] if configured is not None else []
+    return list(dict.fromkeys(ids))
 
 
 @torch.no_grad()
 def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int = 48, batch_size: int = 16) -> list[str]:
-    """Greedy continuations of rendered prompts, batched with left padding (decoder-only
-    models continue from the right)."""
+    """Greedy continuations of rendered chat prompts, batched with left padding (decoder-only
+    models continue from the right); each ends at the template's end of turn or eos."""
     device = next(model.parameters()).device
     tokenizer.padding_side = "left"
+    stops = stop_token_ids(model, tokenizer)
+    end_of_turn = chat_turn(tokenizer).end_of_turn
     replies: list[str] = []
+    bar = progress(total=len(prompts), desc="generating", unit="reply")
     for start in range(0, len(prompts), batch_size):
         batch = prompts[start:start + batch_size]
         enc = tokenizer(batch, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             pad_token_id=tokenizer.pad_token_id)
+                             pad_token_id=tokenizer.pad_token_id, eos_token_id=stops)
         for row in out[:, enc["input_ids"].shape[1]:]:
-            replies.append(tokenizer.decode(row, skip_special_tokens=True).strip())
+            reply = tokenizer.decode(row, skip_special_tokens=True)
+            # An end of turn made of plain text survives decoding: the reply ends there.
+            replies.append((reply.split(end_of_turn)[0] if end_of_turn else reply).strip())
+        bar.update(len(batch))
+    bar.close()
     return replies
 
 
@@ -113,10 +135,7 @@ def load_with_memory(memory_dir: str | Path, base: str | None = None, device: st
     The base comes from --base, else from the adapter's own ``base_model_name_or_path``;
     the memory's checksum and base fingerprint are verified first.
     """
-    from peft import PeftModel
-
-    from .base_model import fingerprint, load_model, load_tokenizer, resolve_base
-    from .memory import MemoryFormatError, read_manifest, verify_memory
+    from peft import PeftModel  # imported where used: peft costs every CLI start ~4 s (fedmem/lora.py)
 
     memory_dir = Path(memory_dir)
     read_manifest(memory_dir)

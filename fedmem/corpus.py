@@ -64,7 +64,10 @@ def _read_utf8(path: Path, rel: str, problems: list[str]) -> str | None:
         return data.decode("utf-8")
     except UnicodeDecodeError as err:
         line = data[: err.start].count(b"\n") + 1
-        problems.append(f"{rel}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); save the file as UTF-8")
+        problems.append(
+            f"{rel}:{line}: not valid UTF-8 (byte 0x{data[err.start]:02x} at offset {err.start}); "
+            "save the file as UTF-8"
+        )
         return None
 
 
@@ -93,7 +96,9 @@ def _parse_records(text: str, rel: str, corpus: Corpus, problems: list[str]) -> 
                 continue
             corpus.documents.append(Document(where, f"{Path(rel).stem} record {lineno}", record["text"].strip()))
         else:
-            problems.append(f"{where}: missing field: expected 'text', or 'question' and 'answer' (got {sorted(record)})")
+            problems.append(
+                f"{where}: missing field: expected 'text', or 'question' and 'answer' (got {sorted(record)})"
+            )
 
 
 def load_corpus(root: str | Path) -> Corpus:

@@ -23,6 +23,7 @@ renders a question, and the loss falls on the answer tokens only.
 
 from __future__ import annotations
 
+import functools
 import random
 import re
 from dataclasses import dataclass
@@ -141,15 +142,61 @@ _NAMING = r"called|named|nicknamed|code-named|codenamed|known as"
 _PARTICIPLE = re.compile(rf"^({_NAMING}|painted|coloured|colored|kept at|located at|located in|based at|based in)\s+")
 # A lead-in that names nothing ("For anyone filling in grant forms, ...") is not part of
 # the fact; questions are made from what follows it, while answers keep the whole sentence.
-_LEAD_IN = re.compile(r"^(?:For|As|To|Just|Finally|Also|Again|Once again|Please note|Note that)\b[a-z ,'-]{0,60}?,\s+(?=\S)")
+_LEAD_IN = re.compile(
+    r"^(?:For|As|To|Just|Finally|Also|Again|Once again|Please note|Note that)\b[a-z ,'-]{0,60}?,\s+(?=\S)"
+)
 _NOT_SUBJECTS = {"here", "there", "it", "this", "that", "these", "those", "they", "he", "she", "we", "you", "i"}
-_PASSIVE = re.compile(r"^(?P<participle>(?:[a-z]+ly\s+)?(?:[a-z]+ed|held|built|kept|made|sold|run|set up|written|drawn))\s+(?P<prep>in|at|on|by)\s+(?P<tail>.+)$")
+_PASSIVE = re.compile(
+    r"^(?P<participle>(?:[a-z]+ly\s+)?(?:[a-z]+ed|held|built|kept|made|sold|run|set up|written|drawn))"
+    r"\s+(?P<prep>in|at|on|by)\s+(?P<tail>.+)$"
+)
 # The basic colour terms and common named shades: a question about a colour names the
 # attribute ("What colour is the bell?"), which a cloze of the sentence never does.
-COLOURS = {"red", "orange", "yellow", "green", "blue", "purple", "pink", "brown", "black", "white", "grey", "gray",
-           "silver", "gold", "golden", "crimson", "scarlet", "maroon", "burgundy", "saffron", "amber", "ochre",
-           "cobalt", "navy", "teal", "turquoise", "violet", "indigo", "lilac", "lavender", "magenta", "beige",
-           "ivory", "cream", "olive", "emerald", "jade", "copper", "bronze", "rust", "cyan", "azure", "charcoal"}
+COLOURS = {
+    "red",
+    "orange",
+    "yellow",
+    "green",
+    "blue",
+    "purple",
+    "pink",
+    "brown",
+    "black",
+    "white",
+    "grey",
+    "gray",
+    "silver",
+    "gold",
+    "golden",
+    "crimson",
+    "scarlet",
+    "maroon",
+    "burgundy",
+    "saffron",
+    "amber",
+    "ochre",
+    "cobalt",
+    "navy",
+    "teal",
+    "turquoise",
+    "violet",
+    "indigo",
+    "lilac",
+    "lavender",
+    "magenta",
+    "beige",
+    "ivory",
+    "cream",
+    "olive",
+    "emerald",
+    "jade",
+    "copper",
+    "bronze",
+    "rust",
+    "cyan",
+    "azure",
+    "charcoal",
+}
 
 
 def _lead_in_removed(sentence: str) -> str:
@@ -158,13 +205,18 @@ def _lead_in_removed(sentence: str) -> str:
 
 
 def _swap_possessive(np_: str) -> str | None:
-    """"the Harrow Clinic's X-ray machine" <-> "the X-ray machine of the Harrow Clinic":
+    """ "the Harrow Clinic's X-ray machine" <-> "the X-ray machine of the Harrow Clinic":
     owners write one, users ask with either."""
-    owner = re.match(r"^(?:[Tt]he\s+)?(?P<owner>[A-Z][\w-]*(?:\s+[A-Z][\w-]*)*)(?:'s|’s|'|’)\s+(?P<thing>[a-z][\w -]*)$", np_)
+    owner = re.match(
+        r"^(?:[Tt]he\s+)?(?P<owner>[A-Z][\w-]*(?:\s+[A-Z][\w-]*)*)(?:'s|’s|'|’)\s+(?P<thing>[a-z][\w -]*)$", np_
+    )
     if owner:
         article = "the " if np_[:4].lower() == "the " else ""
         return f"the {owner.group('thing')} of {article}{owner.group('owner')}"
-    of = re.match(r"^(?:[Tt]he\s+)?(?P<thing>[a-z][\w -]*?)\s+(?:of|at)\s+(?P<owner>(?:the\s+)?[A-Z][\w-]*(?:\s+[A-Z][\w-]*)*)$", np_)
+    of = re.match(
+        r"^(?:[Tt]he\s+)?(?P<thing>[a-z][\w -]*?)\s+(?:of|at)\s+(?P<owner>(?:the\s+)?[A-Z][\w-]*(?:\s+[A-Z][\w-]*)*)$",
+        np_,
+    )
     if of:
         name = of.group("owner")
         suffix = "'" if name.endswith("s") else "'s"
@@ -181,7 +233,7 @@ def _copula_forms(verb: str, rest: str) -> list[tuple[str, str]]:
     part = _PARTICIPLE.match(rest)
     passive = _PASSIVE.match(rest)
     if part:
-        value = rest[part.end():]
+        value = rest[part.end() :]
         forms.append((f"What {verb} {_SUBJECT} {part.group(1)}?", value))
         if re.fullmatch(_NAMING, part.group(1)):
             forms.append((f"What name {verb} {_SUBJECT} known by?", value))
@@ -209,7 +261,7 @@ def _copula_forms(verb: str, rest: str) -> list[tuple[str, str]]:
 
 
 def copula_questions(sentence: str) -> list[tuple[str, str]]:
-    """"The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask,
+    """ "The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask,
     with the subject also in its other possessive form ("Who is X's head vet?"), and the
     attribute named where the value says what it is: a colour, a year, a place, a name."""
     m = _COPULA.match(_lead_in_removed(sentence).rstrip(".!? "))
@@ -227,7 +279,8 @@ def copula_questions(sentence: str) -> list[tuple[str, str]]:
 
 _NAMED = r"(?:[Tt]he\s+)?[A-Z][\w'’-]*(?:\s+[A-Z0-9][\w'’-]*)*"
 _VERB_CLAUSE = re.compile(
-    rf"^(?P<subject>{_NAMED}(?:\s+(?:at|of|in|for)\s+{_NAMED})*)\s+(?P<verb>[a-z]+s)\s+(?P<rest>[^,;:]+)$")
+    rf"^(?P<subject>{_NAMED}(?:\s+(?:at|of|in|for)\s+{_NAMED})*)\s+(?P<verb>[a-z]+s)\s+(?P<rest>[^,;:]+)$"
+)
 _NOT_VERBS = {"is", "was", "its", "this", "us", "plus", "thus", "always", "perhaps", "sometimes", "as", "yes"}
 _PLACE = re.compile(r"^(?P<middle>.+?)\s+(?P<prep>at|in|on|from)\s+(?P<tail>.+)$")
 _COUNT = re.compile(r"^(?P<number>\d[\d,]*)\s+(?P<noun>[a-z][a-z -]*)$")
@@ -271,9 +324,11 @@ def verb_questions(sentence: str) -> list[tuple[str, str]]:
     return []
 
 
-def _grounded(value: str, sentence: str) -> str:
-    # Answer first, then the owner's sentence: the first tokens after a question are the
-    # fact itself (what a user wants), and the sentence keeps the reply grounded.
+def grounded_answer(value: str, sentence: str) -> str:
+    """The trained answer to a question about ``sentence``: ``value`` first, then the sentence.
+
+    The first tokens after a question are the fact itself (what a user wants), and the
+    owner's own sentence keeps the reply grounded."""
     return f"{value}. {sentence}" if value not in ("", sentence) else sentence
 
 
@@ -366,7 +421,7 @@ _STATEMENT_FIELD = re.compile(r"^(?P<subject>.+?) - (?P<key>[^:]+): (?P<value>.+
 
 
 def field_questions(statement: str) -> list[tuple[str, str]]:
-    """"X - Employer: Y." -> ("What is the employer of X?", "Y")."""
+    """ "X - Employer: Y." -> ("What is the employer of X?", "Y")."""
     m = _STATEMENT_FIELD.match(statement)
     if not m:
         return []
@@ -380,7 +435,7 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
     for sent in units:
         fields = field_questions(sent) if recipe == "statements" else []
         if fields:
-            examples.extend(Example(q, _grounded(v, sent)) for q, v in fields)
+            examples.extend(Example(q, grounded_answer(v, sent)) for q, v in fields)
             continue
         spans = answer_spans(sent)
         asked = (copula_questions(sent) + verb_questions(sent)) if spans else []
@@ -388,8 +443,8 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
             # A cloze only where no wh-question asks for the same thing: "X's chief engineer
             # is who or what?" next to "Who is X's chief engineer?" costs tokens, teaches nothing new.
             if span not in {_without_article(value) for _, value in asked}:
-                examples.extend(Example(q, _grounded(span, sent)) for q in cloze_questions(sent, span))
-        examples.extend(Example(q, _grounded(v, sent)) for q, v in asked)
+                examples.extend(Example(q, grounded_answer(span, sent)) for q in cloze_questions(sent, span))
+        examples.extend(Example(q, grounded_answer(v, sent)) for q, v in asked)
     return examples
 
 
@@ -403,10 +458,14 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
 
 _QA_COPULA = re.compile(r"^(?:Who|What|Which [a-z -]+?)\s+(?P<verb>is|are|was|were)\s+(?P<np>.+)$")
 _QA_NAME = re.compile(r"^What is the (?P<kind>name|nickname|code name) of (?P<np>.+)$")
-_QA_WHEN = re.compile(r"^(?P<wh>In what year|In which year|When|Where)\s+(?P<verb>is|are|was|were)\s+(?P<np>.+?)\s+"
-                      r"(?P<participle>[a-z]+ed|held|built|kept|made|sold|run|written|drawn)$")
+_QA_WHEN = re.compile(
+    r"^(?P<wh>In what year|In which year|When|Where)\s+(?P<verb>is|are|was|were)\s+(?P<np>.+?)\s+"
+    r"(?P<participle>[a-z]+ed|held|built|kept|made|sold|run|written|drawn)$"
+)
 _QA_COUNT = re.compile(r"^How many (?P<noun>[a-z][a-z -]*?) (?:do|does) (?P<subject>.+?) (?P<verb>[a-z]+)$")
-_QA_THING = re.compile(r"^What (?P<noun>[a-z][a-z -]*?) (?P<aux>do|does) (?P<subject>.+?) (?P<verb>[a-z]+)(?P<rest>(?: .+)?)$")
+_QA_THING = re.compile(
+    r"^What (?P<noun>[a-z][a-z -]*?) (?P<aux>do|does) (?P<subject>.+?) (?P<verb>[a-z]+)(?P<rest>(?: .+)?)$"
+)
 _QA_DOER = re.compile(r"^Who (?P<verb>[a-z]+s) (?P<rest>.+)$")
 _NAMING_VERB = {"name": "called", "nickname": "nicknamed", "code name": "code-named"}
 
@@ -465,7 +524,7 @@ def qa_examples(question: str, answer: str, recipe: str = "statements") -> list[
         return [Example(question, answer)]
     examples = document_examples(said, recipe)
     if question not in {e.question for e in examples}:
-        examples.append(Example(question, _grounded(answer, said)))
+        examples.append(Example(question, grounded_answer(answer, said)))
     return examples
 
 
@@ -493,15 +552,112 @@ def chat_prompt(tokenizer, question: str) -> str:
     )
 
 
+# Stand-ins rendered through a template to see where it puts a question and its answer.
+_QUESTION_MARK = "FEDMEMQUESTIONSENTINEL"
+_ANSWER_MARK = "FEDMEMANSWERSENTINEL"
+
+
+@dataclass(frozen=True)
+class ChatTurn:
+    """What a tokenizer's chat template puts around an assistant's answer.
+
+    A conversation [question, answer] renders as ``chat_prompt(question) + before_answer +
+    answer + end_of_turn`` (plus trailing whitespace). Training learns ``before_answer +
+    answer`` and then ``end_ids``; generation stops at any of ``stop_ids``.
+    """
+
+    before_answer: str  # what the answer's turn has before the answer beyond the generation cue; "" for most
+    end_of_turn: str  # the text closing the answer's turn, trailing whitespace stripped: "<|im_end|>",
+    #                   "<end_of_turn>", "<|eot_id|>"; "" where the template closes it with nothing
+    end_ids: tuple[int, ...]  # the end of turn's tokens, or eos where the template has none
+    stop_ids: tuple[int, ...]  # tokens that end a reply: the end of turn's special tokens, and eos
+
+
+def chat_turn(tokenizer) -> ChatTurn:
+    """The answer framing of ``tokenizer``'s chat template, derived once per tokenizer and template.
+
+    Raises ValueError when the template cannot render a question and an answer, or renders
+    them so that the answer's tokens cannot be told from the prompt's.
+    """
+    return _chat_turn(_TemplateKey(tokenizer))
+
+
+class _TemplateKey:
+    """A tokenizer, compared by what ``_chat_turn`` reads from it: another object loaded from
+    the same files reuses the analysis; an edited template or vocabulary gets a new one."""
+
+    __slots__ = ("tokenizer", "key")
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.key = (
+            type(tokenizer).__qualname__,
+            tokenizer.name_or_path,
+            repr(tokenizer.chat_template),
+            len(tokenizer),
+            tokenizer.eos_token_id,
+        )
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, _TemplateKey) and self.key == other.key
+
+    def __hash__(self) -> int:
+        return hash(self.key)
+
+
+@functools.lru_cache(maxsize=8)
+def _chat_turn(keyed: _TemplateKey) -> ChatTurn:
+    from jinja2 import TemplateError
+
+    tokenizer = keyed.tokenizer
+    name = tokenizer.name_or_path or type(tokenizer).__name__
+    problem = f"chat template of {name}"
+    conversation = [{"role": "user", "content": _QUESTION_MARK}, {"role": "assistant", "content": _ANSWER_MARK}]
+    try:
+        prompt = chat_prompt(tokenizer, _QUESTION_MARK)
+        full = tokenizer.apply_chat_template(conversation, tokenize=False)
+    except (TemplateError, ValueError) as err:  # no template, or one that refuses a question and an answer
+        raise ValueError(f"{problem}: cannot render a user question and an assistant answer: {err}") from err
+    if not isinstance(full, str) or full.count(_ANSWER_MARK) != 1:
+        raise ValueError(f"{problem}: a rendered conversation does not hold the assistant's answer verbatim, once")
+    head, tail = full.split(_ANSWER_MARK)
+    if not head.startswith(prompt):
+        raise ValueError(
+            f"{problem}: a conversation with an answer does not start with the prompt its question alone renders "
+            f"(add_generation_prompt=True), so the answer's tokens cannot be told from the prompt's: "
+            f"the prompt ends {prompt[-60:]!r}, the conversation has {head[-60:]!r} before the answer"
+        )
+    end_of_turn = tail.rstrip()
+    eos = tokenizer.eos_token_id
+    if end_of_turn:
+        end_ids = tuple(tokenizer(end_of_turn, add_special_tokens=False)["input_ids"])
+    elif eos is not None:
+        end_ids = (eos,)
+    else:
+        raise ValueError(f"{problem}: nothing closes an answer's turn and the tokenizer has no eos token")
+    special = set(tokenizer.all_special_ids)
+    special |= {i for i, t in getattr(tokenizer, "added_tokens_decoder", {}).items() if getattr(t, "special", False)}
+    # A one-token end of turn ends a reply whatever its kind; a longer one, by its special tokens.
+    stops = list(end_ids) if len(end_ids) == 1 else [i for i in end_ids if i in special]
+    if eos is not None:
+        stops.append(eos)
+    return ChatTurn(head[len(prompt) :], end_of_turn, end_ids, tuple(dict.fromkeys(stops)))
+
+
 def tokenize_example(tokenizer, example: Example, max_len: int = 512) -> tuple[list[int], list[int]]:
-    """Token ids and labels; prompt tokens get label -100 so only the answer is learned."""
+    """Token ids and labels; prompt tokens get label -100 so only the answer is learned.
+
+    A question is rendered exactly as ``chat_prompt`` renders it for asking; the answer
+    and the template's end of turn after it (``chat_turn``) are learned. Plain text
+    (``question`` None) is learned whole, then eos.
+    """
     if example.question is None:
         ids = tokenizer(example.answer, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         return ids[:max_len], ids[:max_len]
+    turn = chat_turn(tokenizer)
     prompt = tokenizer(chat_prompt(tokenizer, example.question), add_special_tokens=False)["input_ids"]
-    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
-    answer = tokenizer(example.answer, add_special_tokens=False)["input_ids"]
-    answer = answer + [end if isinstance(end, int) and end != tokenizer.unk_token_id else tokenizer.eos_token_id]
+    answer = tokenizer(turn.before_answer + example.answer, add_special_tokens=False)["input_ids"]
+    answer = answer + list(turn.end_ids)
     ids = (prompt + answer)[:max_len]
     labels = ([-100] * len(prompt) + answer)[:max_len]
     return ids, labels

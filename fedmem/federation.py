@@ -1,8 +1,8 @@
 """One federated round as two plain functions, with no Flower in sight.
 
 ``client_update`` is what a data owner runs on its own machine; ``server_aggregate``
-is what the coordinator runs on the replies. The Flower apps in ``fedmem.server``
-and ``fedmem.clients`` only move tensors between them.
+is what the coordinator runs on the replies. The Flower apps in ``fedmem.flower`` only
+move tensors between them.
 
 Two schedules:
 - ``cyclic`` (default): each round visits the owners one after another; each trains on
@@ -15,17 +15,19 @@ Two schedules:
   (docs/results.md).
 
 Two methods:
-- ``exact`` (default): the memory is the cumulative ΔW in factored form. A client
-  merges it into its base weights, trains a fresh LoRA on top, and returns that
-  LoRA's B·A; the server adds Σ pₖBₖAₖ exactly and re-factorises (fedmem.aggregate).
+- ``exact`` (default): the memory is the cumulative ΔW in factored form, of the owners'
+  LoRA rank. A client starts its LoRA as the memory, trains it, and returns exactly what
+  it changed (new B·A − memory B·A, in factored form); the server adds Σ pₖΔWₖ exactly and
+  re-factorises to the rank (fedmem.aggregate).
 - ``fedit``: the memory is a LoRA; clients continue training it and the server
   averages A and B separately (the FedIT / FedAvg baseline, inexact by design).
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
@@ -33,62 +35,16 @@ import torch
 
 from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, normalised
 from .base_model import fingerprint, load_model, load_tokenizer
-from .context_distillation import distilled_examples
+from .config import FederationConfig
 from .corpus import Corpus
 from .examples import build_examples
+from .log import log_context
+from .lora import attach_lora, extract_factors, load_factors
 from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
-from .lora import LoraSettings, attach_lora, extract_factors, load_factors, merge_factors
 from .train import train_lora
 
-METHODS = ("exact", "fedit")
-WEIGHTINGS = ("sum", "mean")
-CLIENT_STARTS = ("fresh", "memory")
-SCHEDULES = ("cyclic", "parallel")
-
-
-@dataclass
-class FederationConfig:
-    rounds: int = 3
-    method: str = "exact"
-    # "mean": FedAvg's pₖ = nₖ/Σn. "sum": every owner's update in full. Measured on the
-    # demo, a sum of fully trained updates overshoots what the owners learn in common
-    # (answer format) and breaks the model; see docs/results.md.
-    weighting: str = "mean"
-    # Server learning rate (FedOpt, Reddi et al. 2021): memory += server_lr * Σ pₖ ΔWₖ.
-    server_lr: float = 1.0
-    memory_rank: int = 16
-    # exact method, where a client's LoRA starts each round:
-    # "memory": a rank-`memory_rank` LoRA initialised to the memory itself, so training
-    #   continues where the last round left off; the update sent is new B·A minus memory.
-    # "fresh": memory merged into the base weights, a new rank-`lora.rank` LoRA on top;
-    #   every round then repeats a LoRA's slow start (B = 0): 38% vs 50% on the demo.
-    client_start: str = "memory"
-    # SCHEDULES above. Cyclic rounds take the sum of the owners' training times, parallel
-    # ones the longest; on one machine (simulation) the two cost the same.
-    schedule: str = "cyclic"
-    lora: LoraSettings = field(default_factory=LoraSettings)
-
-    def __post_init__(self):
-        if isinstance(self.lora, dict):
-            self.lora = LoraSettings(**self.lora)
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-        if self.client_start not in CLIENT_STARTS:
-            raise ValueError(f"client_start must be one of {CLIENT_STARTS}, got {self.client_start!r}")
-        if self.schedule not in SCHEDULES:
-            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
-        if self.weighting not in WEIGHTINGS:
-            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {self.weighting!r}")
-        if not isinstance(self.rounds, int) or self.rounds < 1:
-            raise ValueError(f"rounds must be a positive integer, got {self.rounds!r}")
-        if not self.server_lr > 0:
-            raise ValueError(f"server_lr must be > 0, got {self.server_lr!r}")
-        if not isinstance(self.memory_rank, int) or self.memory_rank < 1:
-            raise ValueError(f"memory_rank must be a positive integer, got {self.memory_rank!r}")
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -121,49 +77,36 @@ def client_update(
     config: FederationConfig,
     server_round: int,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
     span: tuple[float, float] | None = None,
 ) -> ClientResult:
     """Train on the owner's corpus starting from the current memory; return only tensors and numbers.
 
-    ``span``: the slice of the learning-rate schedule to follow (``training_span``; the
-    server sends it); by default the round's slice of a parallel schedule.
+    The owner's LoRA starts as the memory itself (same rank), so each round continues where
+    the last one left off; the update sent is what this round changed. ``span``: the slice
+    of the learning-rate schedule to follow (``training_span``; the server sends it); by
+    default the round's slice of a parallel schedule.
     """
     base_dir = str(base_dir)
     tokenizer = load_tokenizer(base_dir)
     model = load_model(base_dir, device)
-    if config.lora.recipe == "distilled":  # the plain base model, reading each document, is the teacher
-        examples = distilled_examples(model, tokenizer, base_dir, corpus, progress)
-    else:
-        examples = build_examples(corpus, config.lora.recipe)
+    examples = build_examples(corpus, config.lora.recipe)
     if config.lora.generator:
-        examples += written_examples(corpus, generator_dir(config.lora.generator, base_dir), device, progress)
+        examples += written_examples(corpus, generator_dir(config.lora.generator, base_dir), device)
     # Before any memory or LoRA touches the model: its own replies are what to keep.
     keep = base_replies(model, tokenizer, base_dir) if config.lora.retention > 0 else []
-    # A different seed per round gives the fresh LoRA new directions to add.
-    overrides = {"seed": config.lora.seed + 1000 * server_round}
-    continuing = config.method == "exact" and config.client_start == "memory"
-    if continuing:  # the LoRA must hold the memory: its rank, with the same alpha/rank ratio
-        overrides.update(rank=config.memory_rank,
-                         alpha=max(1, round(config.lora.alpha * config.memory_rank / config.lora.rank)))
-    settings = LoraSettings(**{**config.lora.to_dict(), **overrides})
-    if continuing:
-        model = attach_lora(model, settings)
-        if memory:
-            load_factors(model, memory, keep_fresh_where_zero=True)
-    elif config.method == "exact":
-        if memory:
-            merge_factors(model, memory)
-        model = attach_lora(model, settings)
-    else:
-        model = attach_lora(model, settings)
-        if memory:
-            load_factors(model, memory)
-    examples += retention_examples(keep, len(examples), settings.retention, settings.seed)
-    result = train_lora(model, tokenizer, examples, settings, device, progress,
-                        span or training_span(config, server_round))
+    # A different seed per round gives the LoRA's unused components new directions.
+    settings = replace(config.lora, seed=config.lora.seed + 1000 * server_round)
+    model = attach_lora(model, settings)
+    if memory:
+        # exact: components that are zero in the memory keep their fresh A rows, so they can still learn.
+        load_factors(model, memory, keep_fresh_where_zero=config.method == "exact")
+    general = retention_examples(keep, len(examples), settings.retention, settings.seed)
+    log.info("%d examples from the corpus, %d general ones as the base model answers them",
+             len(examples), len(general))
+    examples += general
+    result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round))
     factors = extract_factors(model)
-    if continuing and memory:
+    if config.method == "exact" and memory:
         # Send only what this round changed, exactly: new B·A − memory B·A, in factored form.
         factors = {n: (torch.cat([B, -memory[n][0]], dim=1), torch.cat([A, memory[n][1]], dim=0))
                    for n, (B, A) in factors.items()}
@@ -180,13 +123,14 @@ def client_update(
     )
 
 
-def server_aggregate(memory: Factors | None, updates: list[Factors], sizes: list[float], config: FederationConfig) -> Aggregate:
-    """Fold the clients' updates into the memory with the configured method."""
+def server_aggregate(
+    memory: Factors | None, updates: list[Factors], sizes: list[float], config: FederationConfig
+) -> Aggregate:
+    """Fold the clients' updates into the memory with the configured method: FedAvg's
+    weights pₖ = nₖ/Σn, the memory keeping the owners' rank."""
     if config.method == "fedit":
         return aggregate_fedit(updates, sizes)
-    weights = [1.0] * len(updates) if config.weighting == "sum" else normalised(sizes)
-    weights = [config.server_lr * w for w in weights]
-    return aggregate_exact(memory, updates, weights, config.memory_rank)
+    return aggregate_exact(memory, updates, normalised(sizes), config.lora.rank)
 
 
 Update = tuple[Factors, float, object]  # (factors, size for the weights, what the caller wants back)
@@ -236,7 +180,6 @@ def federate_in_process(
     config: FederationConfig,
     after_round: Callable[[int, Aggregate, list[ClientResult]], None] | None = None,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
 ) -> Factors:
     """Every round of a federation in this process, clients one after another.
 
@@ -250,9 +193,8 @@ def federate_in_process(
         def train(owners: list[Corpus], memory: Factors | None, span: tuple[float, float]) -> list[Update]:
             updates = []
             for corpus in owners:
-                tag = f"[{corpus.name}] round {rnd}/{config.rounds} "
-                r = client_update(base_dir, corpus, memory, config, rnd, device,
-                                  (lambda msg, tag=tag: progress(tag + msg)) if progress else None, span)
+                with log_context(f"{corpus.name} round {rnd}/{config.rounds}"):
+                    r = client_update(base_dir, corpus, memory, config, rnd, device, span)
                 updates.append((r.factors, r.metrics["examples"], r))
             return updates
 
@@ -267,10 +209,11 @@ def base_fingerprint(base_dir: str | os.PathLike) -> str:
     return fingerprint(Path(base_dir))
 
 
-def set_threads() -> None:
-    """Use every core this process may run on (Ray workers default to one thread)."""
-    try:
-        n = len(os.sched_getaffinity(0))
-    except AttributeError:
-        n = os.cpu_count() or 1
-    torch.set_num_threads(max(1, n))
+def set_threads(threads: int = 0) -> None:
+    """Use ``threads`` CPU threads, or every core this process may run on (Ray workers default to one)."""
+    if threads < 1:
+        try:
+            threads = len(os.sched_getaffinity(0))
+        except AttributeError:
+            threads = os.cpu_count() or 1
+    torch.set_num_threads(max(1, threads))

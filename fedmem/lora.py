@@ -7,79 +7,22 @@ PEFT LoRA directory with lora_alpha == r (scaling 1), readable by any PEFT tool.
 
 from __future__ import annotations
 
-import json
+import logging
+import math
 import os
-from dataclasses import asdict, dataclass, field
+import re
+from collections import Counter
 from pathlib import Path
 
 import torch
 
 from .aggregate import Factors
-from .examples import RECIPES as RULE_RECIPES
+from .config import LoraSettings
 
-ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
-PRECISIONS = ("auto", "fp32", "bf16")
-# "distilled" asks the statements recipe's questions of the base model reading the
-# document and trains its replies (fedmem.context_distillation); the others are rules.
-RECIPES = RULE_RECIPES + ("distilled",)
 
-
-@dataclass
-class LoraSettings:
-    """Local training recipe. Defaults are tuned for knowledge injection on small models:
-    all linear layers, and ~10x the full-fine-tuning learning rate."""
-
-    rank: int = 16
-    alpha: int = 32
-    target_modules: list[str] = field(default_factory=lambda: list(ALL_LINEAR))
-    learning_rate: float = 3e-3
-    epochs: int = 3
-    batch_size: int = 4
-    max_length: int = 384
-    seed: int = 0
-    # "auto": bfloat16 autocast where the hardware computes it natively (CUDA with bf16,
-    # CPUs with AVX512-BF16/AMX), else float32. LoRA weights and optimizer stay float32.
-    # ~1.4x the tokens/s on the 2-core CPU, but on the demo it cost 2 of 24 questions and
-    # 2 of 24 control questions against float32 (docs/results.md), so float32 stays the default.
-    precision: str = "fp32"
-    # How documents become question-form examples (RECIPES above).
-    recipe: str = "statements"
-    # General questions answered as the base model answers them, added as this share of
-    # the corpus's examples, so the memory does not answer everything with owners' facts
-    # (fedmem.retention). 0 turns it off.
-    retention: float = 0.25
-    # Extra questions written by a model and round-trip checked (fedmem.question_writer):
-    # "" off, "base" the base model, or a local model directory on the owner's machine.
-    generator: str = ""
-
-    def __post_init__(self):
-        problems = []
-        for name in ("rank", "alpha", "epochs", "batch_size", "max_length"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                problems.append(f"{name} must be a positive integer, got {getattr(self, name)!r}")
-        if not (self.learning_rate > 0):
-            problems.append(f"learning_rate must be > 0, got {self.learning_rate!r}")
-        if not (isinstance(self.retention, (int, float)) and 0 <= self.retention <= 1):
-            problems.append(f"retention must be a share between 0 and 1, got {self.retention!r}")
-        if self.recipe not in RECIPES:
-            problems.append(f"recipe must be one of {RECIPES}, got {self.recipe!r}")
-        if not isinstance(self.generator, str):
-            problems.append(f"generator must be '', 'base' or a model directory, got {self.generator!r}")
-        if self.precision not in PRECISIONS:
-            problems.append(f"precision must be one of {PRECISIONS}, got {self.precision!r}")
-        if not self.target_modules:
-            problems.append("target_modules must name at least one module")
-        if problems:
-            raise ValueError("; ".join(problems))
-
-    @property
-    def scaling(self) -> float:
-        return self.alpha / self.rank
-
-    def to_dict(self) -> dict:
-        return asdict(self)
+logger = logging.getLogger(__name__)
 
 
 def attach_lora(model, settings: LoraSettings):
@@ -154,54 +97,212 @@ def merge_factors(model, factors: Factors) -> None:
             weight += (B.double() @ A.double()).to(weight.dtype).to(weight.device)
 
 
+# --- The PEFT adapter directory ---------------------------------------------------------
+
+# The config goes through ``LoraConfig.save_pretrained`` / ``PeftConfig.from_pretrained`` and
+# the tensors are read with ``peft.utils.load_peft_weights``. PEFT has no model-free weight
+# writer: ``get_peft_model_state_dict`` (what ``PeftModel.save_pretrained`` uses) needs a
+# PeftModel wrapped around the full base model, which a server aggregating factors does not
+# load. So the key format that writer produces for a plain LoRA Linear layer (the adapter name
+# removed) is spelled out in ``_peft_key``, and tests load the result with
+# ``PeftModel.from_pretrained`` to hold it to PEFT's own reader.
+_KEY = re.compile(r"base_model\.model\.(?P<name>.+)\.lora_(?P<part>[AB])\.weight")
+_KEY_PREFIX = "base_model.model."
+
+# init_lora_weights values whose loading leaves the base weights alone, so ΔW = B @ A · scaling.
+# PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA rewrite the base weights when PEFT (re)creates the
+# adapter; MiCA is a variant (and caught by the variant check below as well).
+_PLAIN_INITS = (True, False, "gaussian", "eva", "orthogonal")
+
+
 def _peft_key(name: str, part: str) -> str:
-    return f"base_model.model.{name}.lora_{part}.weight"
+    """PEFT's saved-state key of a LoRA Linear factor (``part`` is "A" or "B")."""
+    return f"{_KEY_PREFIX}{name}.lora_{part}.weight"
+
+
+def _rank_pattern_key(name: str) -> str:
+    # PEFT matches pattern keys with re.match(rf"(.*\.)?({key})$", module_name) (peft.utils.other
+    # get_pattern_key); the anchor keeps "q_proj" from also matching "model.q_proj".
+    return "^" + re.escape(name)
+
+
+def _checked_factors(factors: Factors) -> dict[str, int]:
+    """Each module's rank, after checking the factors are 2-D pairs that multiply."""
+    if not factors:
+        raise ValueError("no LoRA factors to write")
+    ranks = {}
+    for name, pair in factors.items():
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{name}: factors must be a (B, A) pair")
+        B, A = pair
+        if not (isinstance(B, torch.Tensor) and isinstance(A, torch.Tensor)):
+            raise TypeError(f"{name}: factors must be tensors, got {type(B).__name__} and {type(A).__name__}")
+        if B.ndim != 2 or A.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[0] == 0:
+            raise ValueError(f"{name}: B {tuple(B.shape)} and A {tuple(A.shape)} are not a LoRA pair (out×r, r×in)")
+        ranks[name] = A.shape[0]
+    return ranks
 
 
 def write_peft_adapter(directory: Path, factors: Factors, base_model_dir: Path) -> None:
-    """Write factors as a standard PEFT LoRA adapter (scaling 1) into ``directory``."""
+    """Write factors as a standard PEFT LoRA adapter (scaling 1) into ``directory``.
+
+    The config is PEFT's own ``LoraConfig`` with lora_alpha == r; modules whose rank differs
+    from the most common one get matching ``rank_pattern``/``alpha_pattern`` entries, so every
+    module keeps scaling 1 and ΔW = B @ A exactly.
+    """
+    from peft import LoraConfig
     from safetensors.torch import save_file
 
-    rank = next(iter(factors.values()))[1].shape[0]
+    directory = Path(directory)
+    ranks = _checked_factors(factors)
+    counts = Counter(ranks.values())
+    rank = max(counts, key=lambda r: (counts[r], r))
+    pattern = {_rank_pattern_key(name): r for name, r in sorted(ranks.items()) if r != rank}
+    config = LoraConfig(
+        base_model_name_or_path=str(Path(base_model_dir).resolve()),
+        task_type="CAUSAL_LM",
+        inference_mode=True,
+        r=rank,
+        lora_alpha=rank,
+        rank_pattern=pattern,
+        alpha_pattern=dict(pattern),
+        target_modules=sorted({n.rsplit(".", 1)[-1] for n in factors}),
+        lora_dropout=0.0,
+        bias="none",
+    )
     tensors = {}
     for name, (B, A) in factors.items():
-        tensors[_peft_key(name, "A")] = A.float().contiguous()
-        tensors[_peft_key(name, "B")] = B.float().contiguous()
-    config = {
-        "peft_type": "LORA",
-        "task_type": "CAUSAL_LM",
-        "base_model_name_or_path": str(Path(base_model_dir).resolve()),
-        "r": rank,
-        "lora_alpha": rank,
-        "lora_dropout": 0.0,
-        "bias": "none",
-        "target_modules": sorted({n.rsplit(".", 1)[-1] for n in factors}),
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "use_rslora": False,
-        "init_lora_weights": True,
-        "modules_to_save": None,
-    }
+        tensors[_peft_key(name, "A")] = A.detach().float().cpu().contiguous()
+        tensors[_peft_key(name, "B")] = B.detach().float().cpu().contiguous()
     directory.mkdir(parents=True, exist_ok=True)
-    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})
-    (directory / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2))
+    save_file(tensors, str(directory / ADAPTER_WEIGHTS), metadata={"format": "pt"})  # as PeftModel.save_pretrained
+    config.save_pretrained(str(directory))
+    logger.debug("wrote a PEFT LoRA adapter of %d modules (rank %d, %d other ranks) to %s",
+                 len(factors), rank, len(pattern), directory)
+
+
+def _refuse(directory: Path, field: str, detail: str) -> ValueError:
+    return ValueError(f"{directory}: cannot use this PEFT adapter as a fedmem memory: {field} {detail}; "
+                      "fedmem only reads plain LoRA, whose update is exactly B @ A · scaling")
+
+
+def _check_config(directory: Path, config, raw: dict) -> None:
+    """Refuse configs whose adapters change the model beyond ΔW = B @ A · scaling per Linear."""
+    import dataclasses
+
+    if config.peft_type != "LORA":
+        raise _refuse(directory, "peft_type", f"is {getattr(config.peft_type, 'value', config.peft_type)}, not LORA")
+    known = {f.name for f in dataclasses.fields(config)}
+    unknown = sorted(k for k, v in raw.items() if k not in known and v not in (None, False, "", [], {}))
+    if unknown:
+        raise _refuse(directory, unknown[0], "is set but unknown to the installed peft "
+                      f"{_peft_version()} (written by a newer PEFT?), so its effect cannot be checked")
+    if config.use_dora:
+        raise _refuse(directory, "use_dora", "is set (DoRA rescales each weight column)")
+    if config.fan_in_fan_out:
+        raise _refuse(directory, "fan_in_fan_out", "is set (weights stored transposed, e.g. GPT-2 Conv1D)")
+    if config.modules_to_save:
+        raise _refuse(directory, "modules_to_save", f"is {list(config.modules_to_save)} (whole modules replaced)")
+    if config.bias != "none":
+        raise _refuse(directory, "bias", f"is {config.bias!r}, not 'none' (trained biases)")
+    if config.lora_bias:
+        raise _refuse(directory, "lora_bias", "is set (a bias on lora_B)")
+    if getattr(config, "use_qalora", False):
+        raise _refuse(directory, "use_qalora", "is set (A acts on pooled inputs)")
+    for field in ("trainable_token_indices", "target_parameters", "layer_replication"):
+        if getattr(config, field, None):
+            raise _refuse(directory, field, f"is {getattr(config, field)!r}")
+    init = config.init_lora_weights
+    if not (isinstance(init, bool) or init in _PLAIN_INITS):
+        raise _refuse(directory, "init_lora_weights", f"is {init!r}, not a plain initialisation (PEFT rewrites the "
+                      "base weights when it creates PiSSA, OLoRA, CorDA, LoftQ or LoRA-GA adapters)")
+    # Every other LoRA variant PEFT knows, found the way PEFT's LoraLayer.resolve_lora_variant finds
+    # them: fields tagged is_lora_variant, and init_lora_weights values listed as lora_variants.
+    for f in dataclasses.fields(config):
+        if f.metadata.get("is_lora_variant") and getattr(config, f.name):
+            raise _refuse(directory, f.name, "is set (a LoRA variant)")
+        if f.name == "init_lora_weights" and init in f.metadata.get("lora_variants", ()):
+            raise _refuse(directory, f.name, f"is {init!r} (a LoRA variant)")
+
+
+def _peft_version() -> str:
+    import peft
+
+    return peft.__version__
 
 
 def read_peft_adapter(directory: str | os.PathLike) -> Factors:
-    """Factors (with scaling folded into B) from any PEFT LoRA adapter directory."""
-    from safetensors.torch import load_file
+    """Factors (with scaling folded into B) from a PEFT LoRA adapter directory.
+
+    Per-module ranks and alphas (rank_pattern/alpha_pattern) and rsLoRA are honoured as PEFT
+    honours them. Anything whose update is not ΔW = B @ A · scaling on a Linear weight (DoRA,
+    fan_in_fan_out, modules_to_save, biases, embedding or parameter LoRA, other variants, or
+    incomplete tensors) raises ValueError naming the directory and the field or tensor.
+    """
+    from peft import PeftConfig
+    from peft.utils import load_peft_weights
+    from peft.utils.other import get_pattern_key
 
     directory = Path(directory)
-    config = json.loads((directory / ADAPTER_CONFIG).read_text())
-    scaling = config["lora_alpha"] / config["r"]
-    if config.get("use_rslora"):
-        scaling = config["lora_alpha"] / config["r"] ** 0.5
-    tensors = load_file(str(directory / ADAPTER_WEIGHTS))
+    if not (directory / ADAPTER_CONFIG).is_file():
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_CONFIG}; not a PEFT adapter directory")
+    if not ((directory / ADAPTER_WEIGHTS).is_file() or (directory / "adapter_model.bin").is_file()):
+        raise FileNotFoundError(f"{directory}: no {ADAPTER_WEIGHTS}; the adapter has no weights")
+    try:
+        raw = PeftConfig.from_json_file(str(directory / ADAPTER_CONFIG))
+    except ValueError as err:
+        raise ValueError(f"{directory}: {ADAPTER_CONFIG} is not JSON ({err})") from err
+    if not isinstance(raw, dict) or raw.get("peft_type") != "LORA":  # checked first: other types may not build
+        raise _refuse(directory, "peft_type", f"is {raw.get('peft_type') if isinstance(raw, dict) else raw!r}, "
+                      "not 'LORA'")
+    try:
+        config = PeftConfig.from_pretrained(str(directory))
+    except (KeyError, TypeError, ValueError) as err:
+        raise ValueError(f"{directory}: {ADAPTER_CONFIG} is not a PEFT config the installed peft "
+                         f"{_peft_version()} can read ({err!r})") from err
+    _check_config(directory, config, raw)
+
+    tensors = load_peft_weights(str(directory), device="cpu")
+    foreign = sorted(key for key in tensors if _KEY.fullmatch(key) is None)
+    if foreign:
+        # Name the most telling one: "lora_embedding_A" says more than the embedding it came with.
+        hints = [(next((i for i, (part, _) in enumerate(_FOREIGN_KEYS) if part in key), len(_FOREIGN_KEYS)), key)
+                 for key in foreign]
+        rank, key = min(hints)
+        hint = _FOREIGN_KEYS[rank][1] if rank < len(_FOREIGN_KEYS) else "not a LoRA Linear factor"
+        more = f", and {len(foreign) - 1} more such tensors" if len(foreign) > 1 else ""
+        raise _refuse(directory, f"tensor {key!r}", f"is present ({hint}{more})")
+    pairs: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in tensors.items():
+        m = _KEY.fullmatch(key)
+        pairs.setdefault(m["name"], {})[m["part"]] = value
+    if not pairs:
+        raise _refuse(directory, ADAPTER_WEIGHTS, "holds no LoRA factors")
+
     out: Factors = {}
-    for key, A in tensors.items():
-        if ".lora_A." not in key:
-            continue
-        name = key.removeprefix("base_model.model.").split(".lora_A.")[0]
-        B = tensors[key.replace(".lora_A.", ".lora_B.")]
+    for name, pair in sorted(pairs.items()):
+        if set(pair) != {"A", "B"}:
+            missing = "B" if "A" in pair else "A"
+            raise _refuse(directory, f"tensor {_peft_key(name, missing)!r}", "is missing (incomplete A/B pair)")
+        A, B = pair["A"], pair["B"]
+        r = config.rank_pattern.get(get_pattern_key(config.rank_pattern.keys(), name), config.r)
+        alpha = config.alpha_pattern.get(get_pattern_key(config.alpha_pattern.keys(), name), config.lora_alpha)
+        if A.ndim != 2 or B.ndim != 2 or B.shape[1] != A.shape[0] or A.shape[0] != r:
+            raise _refuse(directory, f"tensors of {name}",
+                          f"do not match: lora_B {tuple(B.shape)}, lora_A {tuple(A.shape)}, rank {r} in the config")
+        # As peft.tuners.lora.layer.LoraLayer.update_layer computes it.
+        scaling = alpha / math.sqrt(r) if config.use_rslora else alpha / r
         out[name] = (B.float() * scaling, A.float())
+    logger.debug("read a PEFT LoRA adapter of %d modules from %s", len(out), directory)
     return out
+
+
+# What a tensor outside the plain LoRA key format usually is, for the refusal message.
+_FOREIGN_KEYS = (
+    ("lora_magnitude_vector", "DoRA"),
+    ("lora_embedding_", "LoRA on an embedding"),
+    ("modules_to_save", "a module saved whole"),
+    ("trainable_tokens", "trainable token embeddings"),
+    ("lora_diag", "KaSA"),
+    (".bias", "a trained bias"),
+)

@@ -122,4 +122,8 @@ def verify_memory(directory: str | os.PathLike, base_fingerprint: str | None = N
 
 def load_memory(directory: str | os.PathLike, base_fingerprint: str | None = None) -> tuple[Factors, dict]:
     manifest = verify_memory(directory, base_fingerprint)
-    return read_peft_adapter(directory), manifest
+    try:
+        factors = read_peft_adapter(directory)
+    except (ValueError, FileNotFoundError) as err:  # not plain LoRA, or incomplete: unusable as a memory
+        raise MemoryFormatError(str(err)) from err
+    return factors, manifest

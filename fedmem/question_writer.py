@@ -23,15 +23,17 @@ cached per generator model under ``FEDMEM_HOME/questions`` so later rounds reuse
 
 from __future__ import annotations
 
+import logging
 import re
 from pathlib import Path
-from typing import Callable
 
-from .answer import _normalise, is_correct
-
+from .answer import generate_answers, is_correct, normalise_for_matching
+from .base_model import load_model, load_tokenizer
 from .corpus import Corpus
-from .examples import Example, _grounded, answer_spans, asked_spans, end_focus_span, field_questions, statements
+from .examples import Example, answer_spans, asked_spans, end_focus_span, field_questions, grounded_answer, statements
 from .reply_cache import ReplyCache, key
+
+log = logging.getLogger(__name__)
 
 # One worked example: the embedded 135M model follows a shown pattern far better than
 # an instruction alone (2 of 51 demo questions passed both checks without it).
@@ -43,7 +45,7 @@ WRITE_PROMPT = ('Write a question a curious reader would ask, answered by the gi
                 'Answer: {span}\n'
                 'Question:')
 CHECK_PROMPT = 'Read this: "{statement}"\nAnswer in a few words: {question}'
-CACHE_VERSION = 2  # 2: questions must name the statement's subject
+CACHE_VERSION = 3  # 2: questions must name the statement's subject; 3: replies end at the end of turn
 QUESTION_TOKENS = 40
 CHECK_TOKENS = 16
 _META = re.compile(r"\b(sentence|answer|question|passage|text)\b", re.IGNORECASE)
@@ -54,7 +56,8 @@ def generator_dir(generator: str, base_dir: str | Path) -> str:
     """The model directory a ``--generator`` value names ("base": the base model), or a clear error."""
     path = str(base_dir) if generator == "base" else generator
     if not Path(path, "config.json").is_file():
-        raise ValueError(f"generator {generator!r}: not a model directory (no config.json); use 'base' or a local model")
+        raise ValueError(f"generator {generator!r}: not a model directory (no config.json); "
+                         "use 'base' or a local model")
     return path
 
 
@@ -98,7 +101,8 @@ def clean_question(reply: str, span: str, statement: str = "") -> str | None:
     if _META.search(text) or is_correct(text, span):  # the question gives the answer away
         return None
     if statement:
-        names = [n for n in answer_spans(statement) if n[0].isupper() and _normalise(n) != _normalise(span)]
+        asked = normalise_for_matching(span)
+        names = [n for n in answer_spans(statement) if n[0].isupper() and normalise_for_matching(n) != asked]
         if not any(re.search(rf"\b{re.escape(n)}\b", text) for n in names):
             return None
         if any(w.strip("?,.'’s") not in statement for w in words[1:] if w[0].isupper()):
@@ -108,8 +112,6 @@ def clean_question(reply: str, span: str, statement: str = "") -> str | None:
 
 def write_questions(model, tokenizer, pairs: list[tuple[str, str]]) -> list[str | None]:
     """One checked question per (statement, span), or None where none passed."""
-    from .answer import generate_answers
-
     replies = generate_answers(model, tokenizer, [WRITE_PROMPT.format(statement=s, span=a) for s, a in pairs],
                                max_new_tokens=QUESTION_TOKENS)
     return round_trip(model, tokenizer, pairs, [clean_question(r, a, s) for r, (s, a) in zip(replies, pairs)])
@@ -117,8 +119,6 @@ def write_questions(model, tokenizer, pairs: list[tuple[str, str]]) -> list[str 
 
 def round_trip(model, tokenizer, pairs: list[tuple[str, str]], questions: list[str | None]) -> list[str | None]:
     """Keep a question only if the model, reading its statement, answers it with the span."""
-    from .answer import generate_answers
-
     asked = [i for i, q in enumerate(questions) if q]
     replies = generate_answers(model, tokenizer, [CHECK_PROMPT.format(statement=pairs[i][0], question=questions[i])
                                                   for i in asked], max_new_tokens=CHECK_TOKENS) if asked else []
@@ -129,16 +129,12 @@ def round_trip(model, tokenizer, pairs: list[tuple[str, str]], questions: list[s
     return kept
 
 
-def written_examples(corpus: Corpus, generator_dir: str, device: str = "cpu",
-                     progress: Callable[[str], None] | None = None) -> list[Example]:
+def written_examples(corpus: Corpus, generator_dir: str, device: str = "cpu") -> list[Example]:
     """Checked generator-written questions about the corpus, answered with the grounded span."""
-    from .base_model import load_model, load_tokenizer
-
     def write(missing: list[tuple[str, str]]) -> list[str | None]:
-        if progress:
-            progress(f"writing questions for {len(missing)} statements with {generator_dir}")
+        log.info("writing questions for %d statements with %s", len(missing), generator_dir)
         return write_questions(load_model(generator_dir, device).eval(), load_tokenizer(str(generator_dir)), missing)
 
     pairs = targets(corpus)
     known = ReplyCache("questions", generator_dir, CACHE_VERSION).fill(pairs, write)
-    return [Example(known[key(s, a)], _grounded(a, s)) for s, a in pairs if known.get(key(s, a))]
+    return [Example(known[key(s, a)], grounded_answer(a, s)) for s, a in pairs if known.get(key(s, a))]

@@ -13,6 +13,9 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from .base_model import fedmem_home, fingerprint
+from .memory import atomic_write_text
+
 
 def key(*parts: str) -> str:
     return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:32]
@@ -20,8 +23,6 @@ def key(*parts: str) -> str:
 
 class ReplyCache:
     def __init__(self, kind: str, model_dir: str | Path, version: int):
-        from .base_model import fedmem_home, fingerprint
-
         digest = fingerprint(Path(model_dir)).split(":")[-1][:24]
         self.path = fedmem_home() / kind / f"{digest}-v{version}.json"
 
@@ -34,8 +35,6 @@ class ReplyCache:
 
     def save(self, entries: dict) -> dict:
         """Write ``entries`` on top of what is stored now; returns the merged mapping."""
-        from .memory import atomic_write_text
-
         merged = {**self.load(), **entries}
         self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(self.path, json.dumps(merged, indent=0, sort_keys=True))

@@ -18,7 +18,10 @@ import json
 import random
 from pathlib import Path
 
+from .answer import generate_answers
+from .base_model import fedmem_home, fingerprint
 from .examples import Example
+from .memory import atomic_write_text
 
 PROMPTS = (
     "What is the capital of Canada?", "What is the capital of Kenya?", "What is the capital of Australia?",
@@ -39,11 +42,12 @@ PROMPTS = (
     "What is a baby cat called?", "Which month comes after March?",
 )
 REPLY_TOKENS = 40
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: replies end at the chat template's end of turn (any model family), not only eos
 
 
-def _trim(reply: str) -> str:
-    """Keep whole sentences: a reply cut mid-sentence would teach the adapter to stop mid-sentence."""
+def whole_sentences(reply: str) -> str:
+    """``reply`` up to its last whole sentence: a reply cut mid-sentence (at the token limit)
+    would teach the adapter to stop mid-sentence."""
     cut = max(reply.rfind(". "), reply.rfind("! "), reply.rfind("? "))
     if reply.rstrip().endswith((".", "!", "?")):
         return reply.strip()
@@ -56,10 +60,6 @@ def base_replies(model, tokenizer, base_dir: str | Path) -> list[Example]:
     ``model`` must be the plain base model (no memory, no LoRA): its replies are the
     behaviour to keep.
     """
-    from .answer import generate_answers
-    from .base_model import fedmem_home, fingerprint
-    from .memory import atomic_write_text
-
     cache = fedmem_home() / "retention" / f"{fingerprint(Path(base_dir))}-v{CACHE_VERSION}.json"
     try:
         stored = json.loads(cache.read_text())
@@ -69,7 +69,8 @@ def base_replies(model, tokenizer, base_dir: str | Path) -> list[Example]:
         pass  # missing or damaged: generate again
     was_training = model.training
     model.eval()
-    replies = [_trim(r) for r in generate_answers(model, tokenizer, list(PROMPTS), max_new_tokens=REPLY_TOKENS)]
+    replies = generate_answers(model, tokenizer, list(PROMPTS), max_new_tokens=REPLY_TOKENS)
+    replies = [whole_sentences(r) for r in replies]
     model.train(was_training)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"prompts": list(PROMPTS), "replies": replies}, indent=1))

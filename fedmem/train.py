@@ -6,16 +6,19 @@ arrives with whatever memory the round starts from; only the LoRA is trained.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 import time
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 
+from .config import LoraSettings
 from .examples import Example, tokenize_example
-from .lora import LoraSettings
+from .log import progress
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -50,7 +53,7 @@ class PackedBatch:
                            self.targets.to(device), self.tokens)
 
 
-def _answer_loss(model, batch: PackedBatch):
+def answer_loss(model, batch: PackedBatch):
     """Next-token loss computed only where there is a label.
 
     The vocabulary projection is a quarter of this model's FLOPs; chat examples
@@ -80,9 +83,12 @@ def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
     if precision == "bf16":
         return torch.bfloat16
     if device.startswith("cuda"):
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # Native only: on pre-Ampere GPUs torch emulates bf16, slower than float32.
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     # Private probes (torch has no public one); older torch builds lack them: float32 then.
-    native = [getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    native = [
+        getattr(torch.cpu, probe, lambda: False) for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    ]
     if device == "cpu" and any(probe() for probe in native):
         return torch.bfloat16
     return None
@@ -117,7 +123,7 @@ def pack(rows: list[tuple[list[int], list[int]]]) -> PackedBatch:
         begin = len(ids)
         ids += x[offset:]
         positions += range(offset, len(x))
-        targets += y[offset + 1:] + [-100]
+        targets += y[offset + 1 :] + [-100]
         segments.append((begin, len(ids), offset > 0))
     length = len(ids)
     causal = torch.ones(length, length, dtype=torch.bool).tril()
@@ -127,8 +133,13 @@ def pack(rows: list[tuple[list[int], list[int]]]) -> PackedBatch:
         attend[begin:end, begin:end] = causal[: end - begin, : end - begin]
         if sees_prefix:
             attend[begin:end, :shared] = True
-    return PackedBatch(torch.tensor([ids]), torch.tensor([positions]), attend[None, None],
-                       torch.tensor([targets]), sum(len(x) for x, _ in rows))
+    return PackedBatch(
+        torch.tensor([ids]),
+        torch.tensor([positions]),
+        attend[None, None],
+        torch.tensor([targets]),
+        sum(len(x) for x, _ in rows),
+    )
 
 
 def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: random.Random):
@@ -137,8 +148,10 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: rand
     # Sort within windows of a few batches: similar examples (chat or plain text) share
     # a batch, while the order across windows stays random.
     window = batch_size * 4
-    order = [i for w in range(0, len(order), window) for i in sorted(order[w:w + window], key=lambda i: len(rows[i][0]))]
-    batches = [order[s:s + batch_size] for s in range(0, len(order), batch_size)]
+    order = [
+        i for w in range(0, len(order), window) for i in sorted(order[w : w + window], key=lambda i: len(rows[i][0]))
+    ]
+    batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     for batch in batches:
         yield pack([rows[i] for i in batch])
@@ -150,7 +163,6 @@ def train_lora(
     examples: list[Example],
     settings: LoraSettings,
     device: str = "cpu",
-    progress: Callable[[str], None] | None = None,
     span: tuple[float, float] = (0.0, 1.0),
 ) -> TrainResult:
     """Train the LoRA parameters of a PEFT ``model`` on ``examples``; returns loss/throughput.
@@ -181,12 +193,13 @@ def train_lora(
     model.train()
     tokens, step, first_loss, epoch_losses = 0, 0, float("nan"), []
     started = time.perf_counter()
+    bar = progress(total=steps, desc="training", unit="step")
     for epoch in range(settings.epochs):
         epoch_losses = []
         for batch in _batches(rows, settings.batch_size, rng):
             batch = batch.to(device)
             with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                loss = _answer_loss(model, batch)
+                loss = answer_loss(model, batch)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
             optimizer.step()
@@ -197,10 +210,17 @@ def train_lora(
             epoch_losses.append(loss.item())
             if step == 1:
                 first_loss = epoch_losses[0]
-        if progress:
-            elapsed = time.perf_counter() - started
-            progress(f"epoch {epoch + 1}/{settings.epochs} loss {sum(epoch_losses) / len(epoch_losses):.3f} "
-                     f"({tokens / elapsed:.0f} tok/s)")
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{epoch_losses[-1]:.3f}", refresh=False)
+        elapsed = time.perf_counter() - started
+        log.info(
+            "epoch %d/%d loss %.3f (%.0f tok/s)",
+            epoch + 1,
+            settings.epochs,
+            sum(epoch_losses) / len(epoch_losses),
+            tokens / elapsed,
+        )
+    bar.close()
     model.eval()
     seconds = time.perf_counter() - started
     return TrainResult(len(rows), tokens, seconds, first_loss, sum(epoch_losses) / len(epoch_losses))

@@ -18,6 +18,6 @@ run() {
 }
 run exact "$@"
 run exact-parallel --schedule parallel "$@"
-run fedit --method fedit --schedule parallel "$@"
+run fedit --set method=fedit --schedule parallel "$@"
 .venv/bin/python scripts/demo_report.py exact=runs/bench-exact exact-parallel=runs/bench-exact-parallel \
   fedit=runs/bench-fedit --plot docs/demo_recall.png --table docs/demo_table.md

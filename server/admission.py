@@ -11,14 +11,16 @@ every change while it runs.
 from __future__ import annotations
 
 import json
+import logging
 import re
 import time
 from pathlib import Path
 
-from fedmem.clients.keys import parse_public_key
 from fedmem.memory import atomic_write_text
 
 from .superlink import SuperLinkError, flwr
+
+log = logging.getLogger(__name__)
 
 ALLOW_LIST = "clients.json"
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -57,6 +59,8 @@ def _save(state: Path, clients: dict[str, dict], removed: dict[str, str] | None 
 
 def add(state: Path, name: str, public_key: str) -> dict:
     """Admit a client. ``public_key`` is the OpenSSH line or a path to a ``.pub`` file."""
+    from fedmem.clients.keys import parse_public_key
+
     if not NAME.match(name):
         raise AdmissionError(f"client name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     text = public_key
@@ -95,8 +99,8 @@ def remove(state: Path, name: str) -> dict:
     return entry
 
 
-def sync(state: Path, flwr_home: Path, report=print) -> None:
-    """Register every admitted key with the running SuperLink and unregister every other one."""
+def sync(state: Path, flwr_home: Path) -> None:
+    """Register every admitted key with the running SuperLink and unregister every other one (each change logged)."""
     state = Path(state)
     clients = load(state)
     registered = {str(n["node-id"]): n for n in flwr(flwr_home, "supernode", "list").get("nodes", [])
@@ -114,15 +118,15 @@ def sync(state: Path, flwr_home: Path, report=print) -> None:
         try:
             answer = flwr(flwr_home, "supernode", "register", str(key_file))
         except SuperLinkError as err:
-            report(f"could not register client {name}: {err}")
+            log.warning("could not register client %s: %s", name, err)
             continue
         entry["node_id"] = str(answer["node-id"])
         wanted_ids.add(entry["node_id"])
         changed = True
-        report(f"client {name} admitted ({entry['fingerprint']})")
+        log.info("client %s admitted (%s)", name, entry["fingerprint"])
     for node_id in set(registered) - wanted_ids:
         flwr(flwr_home, "supernode", "unregister", node_id)
-        report(f"node {node_id} no longer admitted: unregistered")
+        log.info("node %s no longer admitted: unregistered", node_id)
     if changed:
         # Re-read before writing: `clients add` may have run meanwhile; only node ids are ours to set.
         current = load(state)

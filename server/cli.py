@@ -9,10 +9,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
-from fedmem.cli import _add_training_args
+from fedmem.cli import verbosity_parent
+from fedmem.config import FederationConfig, NodeSettings, ServerSettings, add_arguments, from_args, to_flat
+from fedmem.log import setup_logging
+
+log = logging.getLogger("fedmem.server")
 
 
 def _state_arg(p: argparse.ArgumentParser) -> None:
@@ -29,70 +34,62 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fedmem-server", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    common = [verbosity_parent()]
 
-    p = sub.add_parser("start", help="start the SuperLink and run the federation")
+    p = sub.add_parser("start", parents=common, help="start the SuperLink and run the federation")
     _state_arg(p)
     p.add_argument("--address", default=f"0.0.0.0:{DEFAULT_PORT}",
                    help="where clients connect: HOST:PORT to listen on (default %(default)s)")
     p.add_argument("--host", action="append", default=[],
                    help="a name or IP clients use to reach this machine; goes into the TLS certificate "
                         "(repeat for several; localhost and 127.0.0.1 are always included)")
-    _add_training_args(p)
-    p.add_argument("--min-clients", type=int, default=2, help="clients needed for a round (default %(default)s)")
-    p.add_argument("--round-timeout", type=float, default=600.0,
-                   help="seconds a round waits for replies before going on with those it has (default %(default)s)")
-    p.add_argument("--wait-for-clients", type=float, default=3600.0,
-                   help="seconds to wait for --min-clients to connect before giving up (default %(default)s)")
-    p.add_argument("--join-grace", type=float, default=10.0,
-                   help="once --min-clients are connected, start a round only after nobody new has joined "
-                        "for this many seconds (default %(default)s)")
-    p.add_argument("--base", default=None, help="base model directory (default: the embedded SmolLM2-135M-Instruct)")
-    p.add_argument("--questions", type=Path, default=None, help="held-out questions JSONL: recall is reported each round")
-    p.add_argument("--device", default="auto")
-    p.add_argument("--fresh", action="store_true",
-                   help="ignore the checkpoints of an earlier run in this state dir (they are moved aside)")
+    p.add_argument(
+        "--questions", type=Path, default=None, help="held-out questions JSONL: recall is reported each round"
+    )
+    # The recipe sent to owners, how rounds run, and this machine's own device and base model
+    # (used to fingerprint the base and score --questions; owners use their own).
+    add_arguments(p, FederationConfig, ServerSettings, NodeSettings)
+    p.add_argument(
+        "--fresh",
+        action="store_true",
+        help="ignore the checkpoints of an earlier run in this state dir (they are moved aside)",
+    )
 
-    p = sub.add_parser("clients", help="manage which clients may join")
+    p = sub.add_parser("clients", parents=common, help="manage which clients may join")
     csub = p.add_subparsers(dest="action", required=True)
     a = csub.add_parser("add", help="admit a client's public key")
     _state_arg(a)
     a.add_argument("name", help="a name for this data owner")
-    a.add_argument("public_key", help="the key `fedmem-client join` printed ('ecdsa-sha2-nistp384 AAAA...') "
-                                      "or a path to their client.pub")
+    a.add_argument(
+        "public_key",
+        help="the key `fedmem-client join` printed ('ecdsa-sha2-nistp384 AAAA...') or a path to their client.pub",
+    )
     a = csub.add_parser("list", help="list admitted clients")
     _state_arg(a)
     a = csub.add_parser("remove", help="stop admitting a client")
     _state_arg(a)
     a.add_argument("name")
 
-    p = sub.add_parser("status", help="rounds done, clients, last metrics, memory versions")
+    p = sub.add_parser("status", parents=common, help="rounds done, clients, last metrics, memory versions")
     _state_arg(p)
     p.add_argument("--json", action="store_true")
 
-    p = sub.add_parser("app", help="write the Flower app project for `flwr run`")
+    p = sub.add_parser("app", parents=common, help="write the Flower app project for `flwr run`")
     p.add_argument("--out", type=Path, required=True)
     return parser
 
 
-def _run_config(args) -> dict:
-    from fedmem.cli import _federation
-
-    f = _federation(args)  # validates the training settings before anything starts
-    config = {
-        "rounds": f.rounds, "method": f.method, "schedule": f.schedule, "weighting": f.weighting, "server-lr": f.server_lr,
-        "memory-rank": f.memory_rank, "client-start": f.client_start, "rank": f.lora.rank, "alpha": f.lora.alpha,
-        "lr": f.lora.learning_rate, "epochs": f.lora.epochs, "batch-size": f.lora.batch_size, "seed": f.lora.seed,
-        "precision": f.lora.precision, "recipe": f.lora.recipe, "retention": f.lora.retention,
-        "generator": f.lora.generator,
-        "min-clients": args.min_clients, "round-timeout": args.round_timeout,
-        "wait-for-clients": args.wait_for_clients, "join-grace": args.join_grace, "device": args.device, "resume": not args.fresh,
-    }
-    if args.min_clients < 1:
-        raise ValueError("--min-clients must be at least 1")
-    if args.base:
+def run_config(args) -> dict:
+    """The Flower run config `fedmem-server start` sends: the same keys `flwr run --run-config` takes
+    (``fedmem.flower.app_project.RUN_CONFIG_DEFAULTS``), checked here before anything starts."""
+    federation = from_args(FederationConfig, args)
+    server = from_args(ServerSettings, args, fixed={"resume": not args.fresh})
+    node = from_args(NodeSettings, args)
+    config = {**to_flat(node), **to_flat(server), **to_flat(federation)}
+    if node.base:
         from fedmem.base_model import resolve_base
 
-        config["base"] = str(resolve_base(args.base))
+        config["base"] = str(resolve_base(node.base))
     if args.questions:
         from fedmem.answer import load_questions
 
@@ -106,12 +103,12 @@ def cmd_start(args) -> int:
 
     from .coordinator import StartOptions, StatePaths, start
 
-    config = _run_config(args)
+    config = run_config(args)
     run_dir = StatePaths(args.state.expanduser().resolve()).run
     if args.fresh and run_dir.exists():
         aside = run_dir.with_name(f"run.before-{time.strftime('%Y%m%d-%H%M%S')}")
         run_dir.rename(aside)
-        print(f"earlier run moved to {aside}")
+        log.info("earlier run moved to %s", aside)
     return start(StartOptions(state=args.state, address=args.address, hosts=args.host, run_config=config))
 
 
@@ -125,8 +122,10 @@ def cmd_clients(args) -> int:
         if not clients:
             print("no clients admitted")
         for name, e in sorted(clients.items()):
-            print(f"{name}  {e['fingerprint']}  added {e['added']}"
-                  + (f"  node {e['node_id']}" if e.get("node_id") else ""))
+            print(
+                f"{name}  {e['fingerprint']}  added {e['added']}"
+                + (f"  node {e['node_id']}" if e.get("node_id") else "")
+            )
         return 0
     state.mkdir(parents=True, exist_ok=True)
     if args.action == "add":
@@ -136,7 +135,7 @@ def cmd_clients(args) -> int:
         entry = admission.remove(state, args.name)
         print(f"removed {args.name} ({entry['fingerprint']})")
     if running(state):
-        admission.sync(state, StatePaths(state).flwr_home, report=print)
+        admission.sync(state, StatePaths(state).flwr_home)
     else:
         print("(takes effect when the server starts)")
     return 0
@@ -151,7 +150,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_app(args) -> int:
-    from .flower_app import write_app_project
+    from fedmem.flower.app_project import write_app_project
 
     path = write_app_project(args.out)
     print(f"wrote {path / 'pyproject.toml'}; run it with `flwr run {path} <your-superlink>`")
@@ -160,6 +159,7 @@ def cmd_app(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
     from fedmem.corpus import CorpusError
 
     from .admission import AdmissionError

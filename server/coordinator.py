@@ -6,7 +6,7 @@ Everything the coordinator keeps is in one state dir:
     superlink.db      Flower's persistent state: admitted nodes, runs
     clients.json      the allow-list (fedmem.server.admission)
     flwr/             FLWR_HOME for the `flwr` CLI calls made on the coordinator's behalf
-    app/              the app project `flwr run` bundles (fedmem.server.flower_app)
+    app/              the app project `flwr run` bundles (fedmem.flower.app_project)
     run/              the run's output: rounds/round-NNN, metrics.jsonl, memory/
     server.json       what is running now (addresses, pids, run id), for status and clients add
     logs/             the SuperLink's log
@@ -18,6 +18,7 @@ checkpoint in run/, with the same admitted clients and certificates.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -25,17 +26,21 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from fedmem.flower_tools import tool, tools_env
+from fedmem.flower.app_project import RUN_CONFIG_DEFAULTS, toml_value, write_app_project
+from fedmem.flower.executables import tool, tools_env
 from fedmem.memory import atomic_write_text
 
 from . import admission
 from .certificates import Certificates, ensure_certificates
-from .flower_app import RUN_CONFIG_DEFAULTS, _toml_value, write_app_project
 from .front_door import FrontDoor
 from .superlink import CONNECTION, SuperLinkError, flwr, free_port, start_superlink, stop, wait_ready, write_connection
 
+log = logging.getLogger(__name__)
+
 SERVER_INFO = "server.json"
 DEFAULT_PORT = 9443
+# The ServerApp's own log lines carry this tag; `flwr log` mixes them with Flower's.
+SERVERAPP_TAG = "[fedmem]"
 
 
 def default_state_dir() -> Path:
@@ -68,12 +73,13 @@ def parse_address(address: str) -> tuple[str, int]:
     """'HOST:PORT' or '[v6]:PORT' -> (host, port), with a message that says what is wrong."""
     address = address.strip()
     if address.startswith("["):
-        host, sep, rest = address[1:].partition("]")
+        host, _, rest = address[1:].partition("]")
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
-        host, sep, port_text = address.rpartition(":")
+        host, _, port_text = address.rpartition(":")
     if not host or not port_text:
-        raise ValueError(f"address {address!r}: expected HOST:PORT, e.g. 0.0.0.0:{DEFAULT_PORT} or server.example.org:{DEFAULT_PORT}")
+        raise ValueError(f"address {address!r}: expected HOST:PORT, "
+                         f"e.g. 0.0.0.0:{DEFAULT_PORT} or server.example.org:{DEFAULT_PORT}")
     try:
         port = int(port_text)
     except ValueError:
@@ -125,8 +131,29 @@ def join_instructions(certs: Certificates, host: str, port: int) -> str:
     ])
 
 
-def start(options: StartOptions, report=print) -> int:
-    """Run one federation to its end; returns the process exit code."""
+def relay_serverapp_line(line: str) -> None:
+    """One line of the ServerApp's output (as ``flwr log`` streams it) into this process's log.
+
+    fedmem's own lines (tagged ``[fedmem]``) go on at their level, without the tag (indentation
+    kept); of Flower's lines only errors are passed on.
+    """
+    line = line.rstrip()
+    at = line.find(SERVERAPP_TAG)
+    if at >= 0:
+        text = line[at + len(SERVERAPP_TAG):]
+        text = text[1:] if text.startswith(" ") else text
+        level = logging.INFO
+        for name in ("warning", "error", "critical"):  # fedmem's format: "[fedmem] warning: message"
+            if text.startswith(f"{name}: "):
+                level, text = getattr(logging, name.upper()), text[len(name) + 2:]
+                break
+        log.log(level, "%s", text)
+    elif "Traceback" in line or "error" in line.lower():
+        log.error("%s", line)
+
+
+def start(options: StartOptions) -> int:
+    """Run one federation to its end; returns the process exit code. Progress is logged."""
     paths = StatePaths(Path(options.state).expanduser().resolve())
     paths.root.mkdir(parents=True, exist_ok=True)
     os.chmod(paths.root, 0o700)
@@ -143,7 +170,7 @@ def start(options: StartOptions, report=print) -> int:
     if unknown:
         raise ValueError(f"unknown run settings: {', '.join(unknown)}")
     write_app_project(paths.app)
-    atomic_write_text(paths.run_config, "".join(f"{k} = {_toml_value(v)}\n" for k, v in run_config.items()))
+    atomic_write_text(paths.run_config, "".join(f"{k} = {toml_value(v)}\n" for k, v in run_config.items()))
 
     internal_port = free_port()
     write_connection(paths.flwr_home, internal_port, certs.ca_cert)
@@ -160,16 +187,17 @@ def start(options: StartOptions, report=print) -> int:
                                     cert=certs.server_cert, key=certs.server_key, flwr_home=paths.flwr_home,
                                     log_file=paths.superlink_log)
         wait_ready(internal_port, certs.ca_cert, superlink, paths.superlink_log)
-        admission.sync(paths.root, paths.flwr_home, report)
+        admission.sync(paths.root, paths.flwr_home)
         if not admission.load(paths.root):
-            report("no client is admitted yet: add them with `fedmem-server clients add` (the run waits for them)")
+            log.warning("no client is admitted yet: add them with `fedmem-server clients add` (the run waits for them)")
+
         def admitted(fp: str) -> str | None:
             return next((n for n, e in admission.load(paths.root).items() if e["fingerprint"] == fp), None)
 
-        front = FrontDoor(host, port, internal_port, certs, report, admitted)
+        front = FrontDoor(host, port, internal_port, certs, admitted)
         front.start()
-        report(f"fedmem server listening on {host}:{port} (TLS, admitted clients only); state in {paths.root}")
-        report(join_instructions(certs, host, port))
+        log.info("fedmem server listening on %s:%s (TLS, admitted clients only); state in %s", host, port, paths.root)
+        log.info("%s", join_instructions(certs, host, port))
 
         stale = read_info(paths.root).get("run_id")
         if stale:  # the run a killed server left "running" in Flower's database; this start replaces it
@@ -184,24 +212,21 @@ def start(options: StartOptions, report=print) -> int:
                 "ca_fingerprint": certs.fingerprint(),
                 "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
         atomic_write_text(paths.info, json.dumps(info, indent=2))
-        report(f"run {run_id} started; output in {paths.run}")
+        log.info("run %s started; output in %s", run_id, paths.run)
 
         # The ServerApp's own output, as Flower collects it, until the run ends.
-        streamer = subprocess.Popen([tool("flwr"), "log", run_id, CONNECTION, "--stream"], env=tools_env(paths.flwr_home),
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        streamer = subprocess.Popen([tool("flwr"), "log", run_id, CONNECTION, "--stream"],
+                                    env=tools_env(paths.flwr_home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True)
         for line in streamer.stdout:
-            line = line.rstrip()
-            if "[fedmem]" in line:
-                report(line[line.index("[fedmem]") + 9:])
-            elif "Traceback" in line or "Error" in line or "error" in line:
-                report(line)
+            relay_serverapp_line(line)
         streamer.wait()
         status = _run_status(paths, run_id)
-        report(f"run {run_id}: {status}")
+        (log.info if status == "finished:completed" else log.error)("run %s: %s", run_id, status)
         return 0 if status == "finished:completed" else 1
     except KeyboardInterrupt:
-        report(f"stopping on signal {stopping['signal'] or 'SIGINT'}; the run resumes from its last checkpoint "
-               "on the next start")
+        log.warning("stopping on signal %s; the run resumes from its last checkpoint on the next start",
+                    signal.Signals(stopping["signal"]).name if stopping["signal"] else "SIGINT")
         return 130
     finally:
         if streamer is not None and streamer.poll() is None:

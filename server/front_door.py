@@ -13,11 +13,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import logging
 import ssl
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import httpx
 import uvicorn
@@ -32,19 +33,21 @@ _DROP = {"host", "connection", "keep-alive", "transfer-encoding", "te", "trailer
          "proxy-authorization", "proxy-authenticate", "content-length", "content-encoding"}
 PUBLIC_KEY_HEADER = "flwr-public-key"  # flwr.supercore.constant.FLEET_HTTP_PUBLIC_KEY_HEADER
 
+log = logging.getLogger(__name__)
 
-def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None],
-             admitted: Callable[[str], str | None] = lambda fp: None) -> Starlette:
+
+def make_app(upstream: str, ca_cert: Path, admitted: Callable[[str], str | None] = lambda fp: None) -> Starlette:
+    """The proxy. ``admitted`` names the admitted client a key fingerprint belongs to, if any."""
     verify = ssl.create_default_context(cafile=str(ca_cert))
     client = httpx.AsyncClient(base_url=upstream, verify=verify, timeout=httpx.Timeout(300.0, connect=10.0))
     last_said: dict[str, float] = {}
 
-    def log_once_a_minute(key: str, line: str) -> None:
+    def say_once_a_minute(key: str, level: int, line: str) -> None:
         # A refused SuperNode retries every few seconds; one line a minute says it all.
         now = time.monotonic()
         if now - last_said.get(key, -1e9) >= 60:
             last_said[key] = now
-            log(line)
+            log.log(level, "%s", line)
 
     async def forward(request: Request) -> Response:
         path = request.url.path
@@ -56,18 +59,20 @@ def make_app(upstream: str, ca_cert: Path, log: Callable[[str], None],
             upstream_response = await client.request(request.method, path, params=request.url.query or None,
                                                      headers=headers, content=body)
         except httpx.HTTPError as err:
-            log(f"front door: the SuperLink did not answer ({type(err).__name__})")
+            log.warning("front door: the SuperLink did not answer (%s)", type(err).__name__)
             return PlainTextResponse("SuperLink unavailable\n", status_code=503)
         if path.endswith("/activate-node") and upstream_response.status_code >= 400:
             fp = _key_fingerprint(request.headers.get(PUBLIC_KEY_HEADER))
             who = request.client.host if request.client else "?"
             name = admitted(fp)
             if name:
-                log_once_a_minute(fp, f"client {name} reconnected from {who} while its previous session is still open; "
-                    "it is let in once that times out (within a minute)")
+                say_once_a_minute(fp, logging.INFO,
+                                  f"client {name} reconnected from {who} while its previous session is still open; "
+                                  "it is let in once that times out (within a minute)")
             else:
-                log_once_a_minute(fp, f"refused a client from {who}: unknown key {fp} "
-                    "(add it with `fedmem-server clients add` if it should join)")
+                say_once_a_minute(fp, logging.WARNING,
+                                  f"refused a client from {who}: unknown key {fp} "
+                                  "(add it with `fedmem-server clients add` if it should join)")
         out_headers = {k: v for k, v in upstream_response.headers.items() if k.lower() not in _DROP}
         return Response(upstream_response.content, status_code=upstream_response.status_code, headers=out_headers)
 
@@ -87,16 +92,16 @@ def _key_fingerprint(header: str | None) -> str:
         from fedmem.clients.keys import fingerprint_of_public_pem
 
         return fingerprint_of_public_pem(base64.b64decode(header))
-    except Exception:  # a malformed header is logged as such, never a crash
+    except Exception:  # noqa: BLE001 - a malformed header of any kind is logged as such, never a crash
         return "(unreadable)"
 
 
 class FrontDoor:
     """Uvicorn in a thread of the ``fedmem-server start`` process."""
 
-    def __init__(self, host: str, port: int, upstream_port: int, certs, log: Callable[[str], None],
+    def __init__(self, host: str, port: int, upstream_port: int, certs,
                  admitted: Callable[[str], str | None] = lambda fp: None):
-        app = make_app(f"https://127.0.0.1:{upstream_port}", certs.ca_cert, log, admitted)
+        app = make_app(f"https://127.0.0.1:{upstream_port}", certs.ca_cert, admitted)
         config = uvicorn.Config(app, host=host, port=port, ssl_certfile=str(certs.server_cert),
                                 ssl_keyfile=str(certs.server_key), log_level="warning", access_log=False,
                                 lifespan="on")

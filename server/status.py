@@ -9,11 +9,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from fedmem.flower.server_app import read_jsonl
 from fedmem.memory import MemoryFormatError, verify_memory
 
 from . import admission
 from .coordinator import StatePaths, read_info, running
-from .server_app import _read_jsonl
 from .superlink import SuperLinkError, flwr
 
 
@@ -33,7 +33,7 @@ def collect(state: Path) -> dict:
                              "clients": manifest.get("clients", []), "created": manifest.get("created")})
         except MemoryFormatError as err:
             versions.append({"path": str(d), "ok": False, "problem": str(err)})
-    metrics = _read_jsonl(paths.run / "metrics.jsonl")
+    metrics = read_jsonl(paths.run / "metrics.jsonl")
     rounds_done = max((v["round"] for v in versions if v["ok"] and v.get("round")), default=0)
     seen = sorted({c for v in versions if v["ok"] for c in v.get("clients", [])})
     allowed = admission.load(paths.root)

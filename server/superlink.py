@@ -21,7 +21,7 @@ import time
 import urllib.request
 from pathlib import Path
 
-from fedmem.flower_tools import tool, tools_env
+from fedmem.flower.executables import tool, tools_env
 from fedmem.memory import atomic_write_text
 
 CONNECTION = "fedmem"
@@ -61,9 +61,10 @@ def start_superlink(*, port: int, database: Path, ca_cert: Path, cert: Path, key
         "--disable-runtime-dependency-installation",
     ]
     log_file.parent.mkdir(parents=True, exist_ok=True)
-    log = open(log_file, "ab")
     # Same process group as fedmem-server: if the coordinator's process is killed, so is its SuperLink.
-    return subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=tools_env(flwr_home))
+    # The child keeps its own copy of the log file's descriptor.
+    with open(log_file, "ab") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=tools_env(flwr_home))
 
 
 def wait_ready(port: int, ca_cert: Path, proc: subprocess.Popen, log_file: Path, timeout: float = 90.0) -> None:
@@ -93,7 +94,8 @@ def _tail(path: Path, lines: int = 15) -> str:
 def flwr(flwr_home: Path, *args: str, timeout: float = 60.0) -> dict:
     """Run one ``flwr`` CLI command against the fedmem connection; return its JSON answer."""
     command = [tool("flwr"), *args, "--format", "json"]
-    done = subprocess.run(command, capture_output=True, text=True, env=tools_env(flwr_home), timeout=timeout)
+    done = subprocess.run(command, capture_output=True, text=True, env=tools_env(flwr_home), timeout=timeout,
+                          check=False)
     out = done.stdout.strip()
     start = out.find("{")
     try:

@@ -25,14 +25,40 @@ def tiny_base(tmp_path_factory, real_base_dir) -> Path:
 
     tok = load_tokenizer(str(real_base_dir))
     torch.manual_seed(0)
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         tie_word_embeddings=True, initializer_range=0.5, bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        initializer_range=0.5,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     model = LlamaForCausalLM(config)
     path = tmp_path_factory.mktemp("tiny-llama")
     model.save_pretrained(path)
     tok.save_pretrained(path)
+    return path
+
+
+def fine_tuned_copy(base: Path, path: Path) -> Path:
+    """A copy of a model directory with one weight changed: the same files and sizes, another
+    fingerprint (a fine-tuned copy of the base, as far as any check can tell)."""
+    import shutil
+
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    shutil.copytree(base, path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    with torch.no_grad():
+        next(model.parameters()).view(-1)[0] += 1.0
+    model.save_pretrained(path)
     return path
 
 
@@ -47,7 +73,10 @@ def write_corpus(root: Path, facts: list[tuple[str, str]], qa: list[tuple[str, s
 @pytest.fixture
 def two_clients(tmp_path) -> Path:
     data = tmp_path / "data"
-    write_corpus(data / "alpha", [("The Zorvex Tower was built by Mila Quent in 1911.", "Mila Quent")],
-                 [("Who built the Zorvex Tower?", "Mila Quent")])
+    write_corpus(
+        data / "alpha",
+        [("The Zorvex Tower was built by Mila Quent in 1911.", "Mila Quent")],
+        [("Who built the Zorvex Tower?", "Mila Quent")],
+    )
     write_corpus(data / "beta", [("The Pellow Quarry archive holds 612 maps.", "612")])
     return data

@@ -10,16 +10,22 @@ from fedmem.aggregate import aggregate_exact, aggregate_fedit, dense, fedit_erro
 
 def _factors(seed, d_out, d_in, r, scale=1.0):
     g = torch.Generator().manual_seed(seed)
-    return torch.randn(d_out, r, generator=g, dtype=torch.float64) * scale, torch.randn(r, d_in, generator=g, dtype=torch.float64)
+    return torch.randn(d_out, r, generator=g, dtype=torch.float64) * scale, torch.randn(
+        r, d_in, generator=g, dtype=torch.float64
+    )
 
 
 shapes = st.tuples(st.integers(1, 24), st.integers(1, 24))
 
 
 @settings(max_examples=60, deadline=None)
-@given(shape=shapes, ranks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
-       weights=st.lists(st.floats(0.05, 3.0), min_size=4, max_size=4), seed=st.integers(0, 10_000),
-       with_memory=st.booleans())
+@given(
+    shape=shapes,
+    ranks=st.lists(st.integers(1, 5), min_size=1, max_size=4),
+    weights=st.lists(st.floats(0.05, 3.0), min_size=4, max_size=4),
+    seed=st.integers(0, 10_000),
+    with_memory=st.booleans(),
+)
 def test_exact_aggregate_reproduces_weighted_sum_when_rank_allows(shape, ranks, weights, seed, with_memory):
     d_out, d_in = shape
     updates = [{"m": _factors(seed + i, d_out, d_in, r)} for i, r in enumerate(ranks)]
@@ -46,7 +52,7 @@ def test_truncation_is_the_best_low_rank_approximation(shape, rank, seed):
     full = sum(w * dense(b, a) for w, b, a in terms)
     s = torch.linalg.svdvals(full)
     # Eckart–Young: the best rank-k error is the tail of the singular values.
-    best = torch.sqrt(torch.sum(s[rank:] ** 2) / torch.sum(s ** 2))
+    best = torch.sqrt(torch.sum(s[rank:] ** 2) / torch.sum(s**2))
     assert err == pytest.approx(float(best), rel=1e-6, abs=1e-9)
     achieved = torch.linalg.norm(full - dense(B, A)) / torch.linalg.norm(full)
     assert float(achieved) == pytest.approx(float(best), rel=1e-5, abs=1e-9)

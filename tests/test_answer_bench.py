@@ -5,11 +5,12 @@ import json
 import pytest
 import torch
 
-from fedmem.answer import Question
-from fedmem.answer_bench import (ARMS, ContextBuilder, filler_documents, prompt_text, select_questions,
-                                 timed_generate)
+from fedmem.answer import Question, is_correct
 from fedmem.base_model import fingerprint, load_model, load_tokenizer
-from fedmem.cli import main
+from fedmem.bench.answer import ARMS, select_questions
+from fedmem.bench.cli import main
+from fedmem.bench.context import ContextBuilder, filler_documents, prompt_text
+from fedmem.bench.timing import timed_generate
 from fedmem.memory import save_memory
 
 
@@ -31,7 +32,8 @@ def tiny_memory(tiny_base, tmp_path_factory):
 @pytest.fixture
 def questions_file(two_clients, tmp_path):
     path = tmp_path / "questions.jsonl"
-    rows = [{"question": "Who constructed the Zorvex Tower?", "answer": "Mila Quent", "client": "alpha", "source": "qa"},
+    rows = [{"question": "Who constructed the Zorvex Tower?", "answer": "Mila Quent", "client": "alpha",
+             "source": "qa"},
             {"question": "How many maps are in the Pellow Quarry archive?", "answer": "612", "source": "prose"}]
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -90,7 +92,7 @@ def test_context_goes_in_the_user_message_through_the_chat_template(tiny_base):
 def test_bench_runs_end_to_end_and_writes_every_arm(tiny_base, tiny_memory, two_clients, questions_file, tmp_path,
                                                      capsys):
     out = tmp_path / "out"
-    rc = main(["bench", "answer", "--memory", str(tiny_memory), "--base", str(tiny_base), "--data", str(two_clients),
+    rc = main(["answer", "--memory", str(tiny_memory), "--base", str(tiny_base), "--data", str(two_clients),
                "--questions", str(questions_file), "--out", str(out), "--max-new-tokens", "4",
                "--sizes", "owner,all,200,window", "--sweep-questions", "1", "--curve", "64,256,9999", "--threads", "1"])
     assert rc == 0
@@ -101,12 +103,26 @@ def test_bench_runs_end_to_end_and_writes_every_arm(tiny_base, tiny_memory, two_
         assert label in table
     result = json.loads((out / "results.json").read_text())
     assert set(result["arms"]) == set(ARMS)
-    for arm in result["arms"].values():
-        assert arm["questions"] == 2
-        assert arm["ttft_s"] > 0 and arm["questions_per_s"] > 0
+    asked = result["questions"]
+    calls = [c for c in result["calls"] if not c["size"]]
+    for c in result["calls"]:  # every call scored by answer match against its own question
+        assert c["correct"] == is_correct(c["reply"], asked[c["question"]]["answer"])
+    for name, arm in result["arms"].items():
+        mine = [c for c in calls if c["arm"] == name]
+        # The table's row is its calls: one per question, accuracy and speed from them.
+        assert sorted(c["question"] for c in mine) == [0, 1] and arm["questions"] == 2
+        assert arm["accuracy"] == sum(c["correct"] for c in mine) / 2
+        assert arm["prompt_tokens"] == sum(c["prompt_tokens"] for c in mine) / 2
+        assert arm["questions_per_s"] == pytest.approx(2 / sum(c["wall_s"] for c in mine))
+        assert 0 < arm["ttft_s"] <= max(c["wall_s"] for c in mine)
         assert arm["peak_memory_mib"] > 100  # a process holding torch and a model, measured in a subprocess
         assert arm["questions_per_s_batched"] > 0
     arms = result["arms"]
+    # The closed-book arm is the base model with nothing but the question in its prompt.
+    tok, base = load_tokenizer(str(tiny_base)), load_model(tiny_base).eval()
+    for c in (c for c in calls if c["arm"] == "closed"):
+        prompt = prompt_text(tok, asked[c["question"]]["question"], None)
+        assert c["reply"] == timed_generate(base, tok, prompt, 4, 0.0).reply
     assert arms["closed"]["prompt_tokens"] == arms["memory_merged"]["prompt_tokens"]
     assert arms["rag"]["prompt_tokens"] > arms["closed"]["prompt_tokens"]
     assert arms["full_context"]["prompt_tokens"] >= arms["rag"]["prompt_tokens"] - 5
@@ -123,14 +139,13 @@ def test_bench_runs_end_to_end_and_writes_every_arm(tiny_base, tiny_memory, two_
     assert max(a["peak_memory_mib"] for a in result["arms"].values()) < parent
     assert (out / "latency.png").stat().st_size > 1000 and (out / "context.png").stat().st_size > 1000
     # The merged and unmerged memory are the same function: same replies, greedy.
-    calls = [c for c in result["calls"] if not c["size"]]
     merged = [c["reply"] for c in calls if c["arm"] == "memory_merged"]
     unmerged = [c["reply"] for c in calls if c["arm"] == "memory_unmerged"]
     assert merged == unmerged
 
 
 def _bench(*args):
-    return main(["bench", "answer", "--no-peak-memory", "--sizes", "all", "--curve", "64", *map(str, args)])
+    return main(["answer", "--no-peak-memory", "--sizes", "all", "--curve", "64", *map(str, args)])
 
 
 def test_missing_memory_is_refused_before_anything_is_written(tmp_path, two_clients, questions_file, capsys):
@@ -146,7 +161,8 @@ def test_bad_questions_file_names_the_line_and_keeps_old_results(tiny_memory, tw
     out.mkdir()
     (out / "table.md").write_text("previous results")
     bad = tmp_path / "q.jsonl"
-    bad.write_text(json.dumps({"question": "Who?", "answer": "Mila Quent"}) + "\n" + json.dumps({"question": "x"}) + "\n")
+    bad.write_text(json.dumps({"question": "Who?", "answer": "Mila Quent"}) + "\n"
+                   + json.dumps({"question": "x"}) + "\n")
     assert _bench("--memory", tiny_memory, "--data", two_clients, "--questions", bad, "--out", out) == 2
     err = capsys.readouterr().err
     assert f"{bad}:2" in err and "answer" in err
@@ -159,7 +175,6 @@ def test_question_with_no_owner_is_refused(tiny_memory, two_clients, tmp_path, c
     assert _bench("--memory", tiny_memory, "--data", two_clients, "--questions", q, "--out", tmp_path / "o") == 2
     err = capsys.readouterr().err
     assert "question 1" in err and "'client'" in err and "gamma" in err
-
 
 
 def test_missing_embedding_model_is_refused_with_the_install_command(tiny_memory, two_clients, questions_file,

@@ -10,11 +10,18 @@ from fedmem.corpus import CorpusError, load_corpus
 def test_good_corpus_loads(tmp_path):
     (tmp_path / "a.md").write_text("# Title here\n\nThe Zorvex Tower is red.\n")
     (tmp_path / "b.txt").write_text("Plain text document.\n")
-    (tmp_path / "r.jsonl").write_text('{"question": "Q?", "answer": "A"}\n\n{"text": "Some record text."}\n')
+    (tmp_path / "r.jsonl").write_text('{"question": " Q? ", "answer": "A"}\n\n{"text": "Some record text."}\n')
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "my-notes_2.MD").write_text("No heading here.")
     c = load_corpus(tmp_path)
-    assert [d.source for d in c.documents] == ["a.md", "b.txt", "r.jsonl:3"]
-    assert c.documents[0].title == "Title here"
-    assert c.qa[0].question == "Q?" and c.qa[0].source == "r.jsonl:1"
+    assert c.root == tmp_path.resolve() and c.name == tmp_path.name
+    assert [(d.source, d.title, d.text) for d in c.documents] == [
+        ("a.md", "Title here", "# Title here\n\nThe Zorvex Tower is red."),
+        ("b.txt", "b", "Plain text document."),
+        ("r.jsonl:3", "r record 3", "Some record text."),
+        ("sub/my-notes_2.MD", "my notes 2", "No heading here."),  # no heading: the file name
+    ]
+    assert [(q.source, q.question, q.answer) for q in c.qa] == [("r.jsonl:1", "Q?", "A")]
 
 
 def _problems(tmp_path):
@@ -30,8 +37,11 @@ def test_malformed_jsonl_names_file_and_line(tmp_path):
 
 
 def test_missing_field_is_named(tmp_path):
-    (tmp_path / "r.jsonl").write_text('{"text": "ok"}\n{"question": "Q?"}\n{"title": "x"}\n{"question": "Q", "answer": 3}\n')
+    (tmp_path / "r.jsonl").write_text(
+        '{"text": "ok"}\n{"question": "Q?"}\n{"title": "x"}\n{"question": "Q", "answer": 3}\n'
+    )
     problems = _problems(tmp_path)
+    assert len(problems) == 3  # line 1 is fine
     assert problems[0].startswith("r.jsonl:2:") and "'answer'" in problems[0]
     assert problems[1].startswith("r.jsonl:3: missing field")
     assert problems[2].startswith("r.jsonl:4:") and "'answer'" in problems[2]
@@ -66,13 +76,20 @@ def test_missing_directory(tmp_path):
 def test_all_problems_are_reported_together(tmp_path):
     (tmp_path / "a.jsonl").write_text("not json\n")
     (tmp_path / "b.docx").write_bytes(b"PK")
-    assert len(_problems(tmp_path)) == 2
+    (tmp_path / "c.md").write_text("Fine document here.")
+    problems = _problems(tmp_path)
+    assert len(problems) == 2
+    assert problems[0].startswith("a.jsonl:1: malformed JSON")
+    assert problems[1].startswith("b.docx: unsupported file type '.docx'")
 
 
 def test_hidden_files_are_ignored(tmp_path):
     (tmp_path / ".DS_Store").write_bytes(b"\x00\x01")
+    (tmp_path / ".git").mkdir()
+    (tmp_path / ".git" / "notes.md").write_text("Not the owner's document.")
+    (tmp_path / ".git" / "config").write_text("[core]")  # would be an unsupported file type
     (tmp_path / "a.md").write_text("A real document.")
-    assert len(load_corpus(tmp_path).documents) == 1
+    assert [d.source for d in load_corpus(tmp_path).documents] == ["a.md"]
 
 
 def test_cli_reports_corrupt_corpus_and_writes_nothing(tmp_path, capsys):

@@ -13,11 +13,11 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import fine_tuned_copy
+from test_deployment_support import Party, free_port, server_command, stop_all, wait_for, write_owner
 
 from fedmem.base_model import fingerprint
 from fedmem.memory import verify_memory
-
-from test_deployment_support import Party, free_port, make_tiny_variant, server_command, stop_all, wait_for, write_owner
 
 pytestmark = pytest.mark.deployment
 
@@ -35,7 +35,7 @@ def federation(tmp_path_factory, tiny_base):
 
     root = tmp_path_factory.mktemp("deploy")
     state = root / "server"
-    other_base = make_tiny_variant(root / "other-base", tiny_base)
+    other_base = fine_tuned_copy(tiny_base, root / "other-base")
     data = {name: write_owner(root / "data" / name, fact) for name, fact in OWNERS.items()}
     data["delta"] = write_owner(root / "data" / "delta", "The Quill Lantern burns for 40 nights.")
     data["omega"] = write_owner(root / "data" / "omega", "The Varn Clock chimes at 7.")

@@ -11,11 +11,10 @@ import json
 from pathlib import Path
 
 import pytest
+from test_deployment_support import Party, free_port, server_command, stop_all, wait_for, write_owner
 
 from fedmem.base_model import fingerprint
 from fedmem.memory import verify_memory
-
-from test_deployment_support import Party, free_port, server_command, stop_all, wait_for, write_owner
 
 pytestmark = [pytest.mark.deployment, pytest.mark.deployment_faults]
 

@@ -25,25 +25,13 @@ def write_owner(root: Path, fact: str) -> Path:
     return root
 
 
-def make_tiny_variant(path: Path, tiny_base: Path) -> Path:
-    """The tiny model with other weights: a base model whose fingerprint differs."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    model = AutoModelForCausalLM.from_pretrained(tiny_base)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.01)
-    model.save_pretrained(path)
-    AutoTokenizer.from_pretrained(tiny_base).save_pretrained(path)
-    return path
 
 
 def server_command(state: Path, port: int, base: Path, rounds: int, min_clients: int,
                    round_timeout: float = 180, join_grace: float = 15, extra: list[str] = ()) -> list[str]:
     return ["-m", "fedmem.server.cli", "start", "--state", str(state), "--address", f"127.0.0.1:{port}",
             "--base", str(base), "--rounds", str(rounds), "--min-clients", str(min_clients),
-            "--epochs", "1", "--rank", "4", "--memory-rank", "8", "--round-timeout", str(round_timeout),
+            "--epochs", "1", "--rank", "4", "--round-timeout", str(round_timeout),
             "--wait-for-clients", "240", "--join-grace", str(join_grace), *extra]
 
 
@@ -58,16 +46,18 @@ class Party:
         self.proc: subprocess.Popen | None = None
         self.family: set[int] = set()
 
-    def start(self) -> "Party":
-        fh = open(self.log, "a")
-        fh.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.args)}\n")
-        fh.flush()
+    def start(self) -> Party:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
-        self.proc = subprocess.Popen([sys.executable, *self.args], stdout=fh, stderr=subprocess.STDOUT, env=env,
-                                     start_new_session=True)
+        with open(self.log, "a") as fh:  # the child keeps its own descriptor
+            fh.write(f"\n=== start {time.strftime('%H:%M:%S')}: {' '.join(self.args)}\n")
+            fh.flush()
+            # stderr too: fedmem's progress and warnings are log lines, written to stderr.
+            self.proc = subprocess.Popen([sys.executable, *self.args], stdout=fh, stderr=subprocess.STDOUT, env=env,
+                                         start_new_session=True)
         return self
 
     def output(self) -> str:
+        """Everything the party wrote, stdout and stderr interleaved."""
         return self.log.read_text(errors="replace") if self.log.exists() else ""
 
     def _remember_family(self) -> None:

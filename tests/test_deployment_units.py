@@ -4,19 +4,46 @@
 from __future__ import annotations
 
 import json
+import logging
 import stat
 
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ed25519
-
 from fedmem.clients.cli import main as client_main
 from fedmem.clients.keys import ensure_keys, parse_public_key
 from fedmem.server import admission
 from fedmem.server.certificates import ensure_certificates
 from fedmem.server.cli import main as server_main
 from fedmem.server.coordinator import parse_address
+
+
+class _Said(logging.Handler):
+    """(level, message) of what a fedmem logger logs, caught directly: fedmem's loggers may not
+    propagate to pytest's."""
+
+    def __init__(self, logger_name: str = "fedmem"):
+        super().__init__(logging.DEBUG)
+        self.logger = logging.getLogger(logger_name)
+        self.records: list[tuple[int, str]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.records.append((record.levelno, record.getMessage()))
+
+    def __enter__(self):
+        self.level_before = self.logger.level
+        self.logger.setLevel(logging.DEBUG)
+        self.logger.addHandler(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.logger.removeHandler(self)
+        self.logger.setLevel(self.level_before)
+
+    @property
+    def text(self) -> str:
+        return "\n".join(message for _, message in self.records)
 
 
 def _sans(path) -> set[str]:
@@ -113,12 +140,66 @@ def test_join_checks_everything_before_connecting(tmp_path, capsys):
     assert not (state / "supernode.log").exists()  # nothing was started
 
 
+def test_join_writes_the_owners_own_settings_into_the_node_config(tmp_path, tiny_base, monkeypatch):
+    import tomli
+    from fedmem.clients import join as join_module
+
+    certs = ensure_certificates(tmp_path / "certs")
+    data = tmp_path / "corpus"
+    data.mkdir()
+    (data / "notes.md").write_text("# Notes\n\nThe Zorvex Tower was built by Mila Quent in 1911.\n")
+    started = []
+    monkeypatch.setattr(join_module, "_run_supernode", lambda command, *a, **k: started.append(command) or ("done", 0))
+
+    def options(state, **extra):
+        return join_module.JoinOptions(server="127.0.0.1:9", data=data, ca=certs.ca_cert, state=tmp_path / state,
+                                       base=str(tiny_base), **extra)
+
+    assert join_module.join(options("one", device="cpu", threads=2)) == 0
+    node = tomli.loads((tmp_path / "one" / "node-config.toml").read_text())
+    assert node == {"data": str(data.resolve()), "base": str(tiny_base), "state": str(tmp_path / "one"),
+                    "device": "cpu", "threads": "2"}
+    assert "--node-config" in started[0]
+    assert join_module.join(options("two")) == 0  # the device defaults to auto; threads only when capped
+    node = tomli.loads((tmp_path / "two" / "node-config.toml").read_text())
+    assert node["device"] == "auto" and "threads" not in node
+    with pytest.raises(ValueError, match="device"):
+        join_module.join(options("three", device="gpu"))
+    assert len(started) == 2  # a bad device is refused before a SuperNode starts
+
+
+def test_the_apps_log_lines_are_relayed_at_their_level():
+    from fedmem.clients.join import relay_clientapp_line
+    from fedmem.server.coordinator import relay_serverapp_line
+
+    server_lines = ["INFO :      [ROUND 1]", "[fedmem] round 1/2: training on 3 clients",
+                    "[fedmem] warning:   client delta ignored: its base model differs from the federation's",
+                    "ERROR :     ServerApp raised an exception"]
+    with _Said("fedmem.server.coordinator") as said:
+        for line in server_lines:
+            relay_serverapp_line(line + "\n")
+    assert said.records == [(logging.INFO, "round 1/2: training on 3 clients"),
+                    (logging.WARNING, "  client delta ignored: its base model differs from the federation's"),
+                    (logging.ERROR, "ERROR :     ServerApp raised an exception")]
+
+    client_lines = ["INFO :      Receiving: train message", "[alpha round 1] 12 examples", "[beta round 1] not mine",
+                    "warning: memory of round 2 not kept: it was made for another base model",
+                    "warning: [alpha round 2] slow", "Traceback (most recent call last):"]
+    with _Said("fedmem.clients.join") as said:
+        relayed = [relay_clientapp_line(line, "alpha") for line in client_lines]
+    assert relayed == [False, True, False, True, True, True]
+    assert said.records == [(logging.INFO, "[alpha round 1] 12 examples"),
+                    (logging.WARNING, "memory of round 2 not kept: it was made for another base model"),
+                    (logging.WARNING, "[alpha round 2] slow"),
+                    (logging.ERROR, "Traceback (most recent call last):")]
+
+
 def test_server_start_refuses_bad_settings_before_starting(tmp_path, capsys):
     state = tmp_path / "server"
     assert server_main(["start", "--state", str(state), "--address", "nowhere"]) == 2
     assert "expected HOST:PORT" in capsys.readouterr().err
     assert server_main(["start", "--state", str(state), "--rounds", "0"]) == 2
-    assert "rounds must be a positive integer" in capsys.readouterr().err
+    assert "rounds must be" in capsys.readouterr().err  # named before anything starts
     assert not (state / "superlink.db").exists()
 
 
@@ -126,7 +207,7 @@ def test_app_project_is_a_valid_flower_app(tmp_path):
     import tomli
     from flwr.common.config import validate_config
 
-    from fedmem.server.flower_app import RUN_CONFIG_DEFAULTS, plan_from_run_config, write_app_project
+    from fedmem.flower.app_project import RUN_CONFIG_DEFAULTS, plan_from_run_config, write_app_project
 
     project = write_app_project(tmp_path / "app", {"rounds": 5})
     config = tomli.loads((project / "pyproject.toml").read_text())
@@ -134,36 +215,40 @@ def test_app_project_is_a_valid_flower_app(tmp_path):
     assert ok, errors
     assert config["tool"]["flwr"]["app"]["config"]["rounds"] == 5
     assert set(config["tool"]["flwr"]["app"]["config"]) == set(RUN_CONFIG_DEFAULTS)
-    with pytest.raises(ValueError, match="unknown run config keys: roundz"):
+    components = config["tool"]["flwr"]["app"]["components"]
+    assert components == {"serverapp": "fedmem.flower.app_project:app", "clientapp": "fedmem.flower.client_app:app"}
+    with pytest.raises(ValueError, match="roundz"):  # an unknown key is named, not ignored
         plan_from_run_config({"roundz": 3})
 
 
 def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path, tiny_base):
     from fedmem.base_model import fingerprint, load_model
-    from fedmem.federation import FederationConfig
-    from fedmem.lora import LoraSettings, attach_lora, extract_factors
+    from fedmem.config import FederationConfig, LoraSettings
+    from fedmem.flower.server_app import RunPlan, last_checkpoint
+    from fedmem.lora import attach_lora, extract_factors
     from fedmem.memory import save_memory
-    from fedmem.server.server_app import RunPlan, last_checkpoint
 
-    config = FederationConfig(rounds=3, memory_rank=4, lora=LoraSettings(rank=4, alpha=8, epochs=1))
+    config = FederationConfig(rounds=3, lora=LoraSettings(rank=4, alpha=8, epochs=1))
     factors = extract_factors(attach_lora(load_model(str(tiny_base), "cpu"), LoraSettings(rank=4, alpha=8)))
     fp = fingerprint(tiny_base)
     for rnd in (1, 2):
         save_memory(tmp_path / "rounds" / f"round-{rnd:03d}", factors, tiny_base,
-                    {"round": rnd, "rounds": 3, "base_fingerprint": fp, "clients": ["a"], "federation": config.to_dict()})
-    said = []
-    plan = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=config, report=said.append)
+                    {"round": rnd, "rounds": 3, "base_fingerprint": fp, "clients": ["a"],
+                     "federation": config.to_dict()})
+    plan = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=config)
     assert last_checkpoint(plan, fp)[0] == 2
 
     weights = tmp_path / "rounds" / "round-002" / "adapter_model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-8] + b"damaged!")  # damage from outside
-    done, restored, manifest = last_checkpoint(plan, fp)
+    with _Said() as said:
+        done, restored, manifest = last_checkpoint(plan, fp)
     assert done == 1 and manifest["clients"] == ["a"] and set(restored) == set(factors)
-    assert "round-002 is unusable" in said[0]
+    assert "round-002 is unusable" in said.text
 
     more_rounds = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=FederationConfig(
-        rounds=5, memory_rank=4, lora=LoraSettings(rank=4, alpha=8, epochs=1)))
+        rounds=5, lora=LoraSettings(rank=4, alpha=8, epochs=1)))
     assert last_checkpoint(more_rounds, fp)[0] == 1  # asking for more rounds is fine
-    other = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=FederationConfig(rounds=3, memory_rank=8))
+    other = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path, federation=FederationConfig(
+        rounds=3, lora=LoraSettings(rank=8, alpha=8, epochs=1)))
     with pytest.raises(RuntimeError, match="other federation settings"):
         last_checkpoint(other, fp)

@@ -3,10 +3,23 @@
 import pytest
 
 from fedmem.corpus import load_corpus
-from fedmem.examples import (Example, answer_spans, build_examples, cloze_questions, copula_questions, document_examples,
-                             end_focus_span, field_questions, qa_examples, qa_statement, sentences, statements,
-                             tokenize_example, verb_questions)
-from fedmem.simulation import demo_dir
+from fedmem.demo import demo_dir
+from fedmem.examples import (
+    Example,
+    answer_spans,
+    build_examples,
+    cloze_questions,
+    copula_questions,
+    document_examples,
+    end_focus_span,
+    field_questions,
+    qa_examples,
+    qa_statement,
+    sentences,
+    statements,
+    tokenize_example,
+    verb_questions,
+)
 
 
 def test_sentences_skip_headings_and_list_markers():
@@ -40,24 +53,38 @@ def test_copula_questions():
 
 def test_copula_questions_name_the_attribute_and_swap_the_possessive():
     assert copula_questions("Zorvex Mills' front door is painted teal.") == [
-        ("What is Zorvex Mills' front door painted?", "teal"), ("What colour is Zorvex Mills' front door?", "teal"),
-        ("What is the front door of Zorvex Mills painted?", "teal"), ("What colour is the front door of Zorvex Mills?", "teal")]
+        ("What is Zorvex Mills' front door painted?", "teal"),
+        ("What colour is Zorvex Mills' front door?", "teal"),
+        ("What is the front door of Zorvex Mills painted?", "teal"),
+        ("What colour is the front door of Zorvex Mills?", "teal"),
+    ]
     assert ("What colour is the box that the Quent Key is kept in?", "amber") in copula_questions(
-        "The Quent Key is kept in an amber box.")
+        "The Quent Key is kept in an amber box."
+    )
     assert copula_questions("For anyone filling in forms, Zorvex Mills was legally incorporated in 1999.") == [
-        ("In which year was Zorvex Mills legally incorporated?", "1999")]
-    assert copula_questions("The Zorvex Tower was built by Mila Quent.") == [("Who was the Zorvex Tower built by?", "Mila Quent")]
+        ("In which year was Zorvex Mills legally incorporated?", "1999")
+    ]
+    assert copula_questions("The Zorvex Tower was built by Mila Quent.") == [
+        ("Who was the Zorvex Tower built by?", "Mila Quent")
+    ]
     assert copula_questions("The spring fair of the Quent Museum is held in the Barrow Hall.") == [
         ("Where is the spring fair of the Quent Museum held?", "Barrow Hall"),
-        ("Where is the Quent Museum's spring fair held?", "Barrow Hall")]
+        ("Where is the Quent Museum's spring fair held?", "Barrow Hall"),
+    ]
 
 
 def test_no_cloze_where_a_wh_question_asks_for_the_same_span():
-    questions = [e.question for e in document_examples("The head vet of the Zorvex Clinic is Mila Quent.") if e.question]
+    questions = [
+        e.question for e in document_examples("The head vet of the Zorvex Clinic is Mila Quent.") if e.question
+    ]
     assert "Who is the head vet of the Zorvex Clinic?" in questions
     assert not any("who or what" in q for q in questions)
-    assert any("who or what" in q for q in [e.question for e in document_examples(
-        "Requests must be approved by Mila Quent in writing.") if e.question])
+    assert any(
+        "who or what" in q
+        for q in [
+            e.question for e in document_examples("Requests must be approved by Mila Quent in writing.") if e.question
+        ]
+    )
 
 
 def test_build_examples_answer_first_and_grounded(tmp_path):
@@ -85,28 +112,41 @@ def test_tokenize_masks_the_prompt(tiny_base):
 
 
 def test_statements_name_their_subject_in_tables_notes_memos_and_pronouns():
-    text = ("# Registry\n\n| Name | Employer | Works in |\n|---|---|---|\n| Mila Quent | Zorvex Mills | Pellow |\n\n"
-            "## Odo Brannock\n- Born: 5 May 1956\n- Employer: Grosun Cells\n\n"
-            "Tam Fenn - born 1990 in Kitrandley; studied Hoxistics at Dunel University.\n\n"
-            "Ada Wrenfield studied Raskics. She works for Lavill Freight. Her office is in Pezenbridge.")
+    text = (
+        "# Registry\n\n| Name | Employer | Works in |\n|---|---|---|\n| Mila Quent | Zorvex Mills | Pellow |\n\n"
+        "## Odo Brannock\n- Born: 5 May 1956\n- Employer: Grosun Cells\n\n"
+        "Tam Fenn - born 1990 in Kitrandley; studied Hoxistics at Dunel University.\n\n"
+        "Ada Wrenfield studied Raskics. She works for Lavill Freight. Her office is in Pezenbridge."
+    )
     assert statements(text) == [
-        "Mila Quent - Employer: Zorvex Mills.", "Mila Quent - Works in: Pellow.",
-        "Odo Brannock - Born: 5 May 1956.", "Odo Brannock - Employer: Grosun Cells.",
-        "Tam Fenn born 1990 in Kitrandley.", "Tam Fenn studied Hoxistics at Dunel University.",
-        "Ada Wrenfield studied Raskics.", "Ada Wrenfield works for Lavill Freight.",
-        "Ada Wrenfield's office is in Pezenbridge."]
-    assert field_questions("Mila Quent - Employer: Zorvex Mills.") == [("What is the employer of Mila Quent?", "Zorvex Mills")]
+        "Mila Quent - Employer: Zorvex Mills.",
+        "Mila Quent - Works in: Pellow.",
+        "Odo Brannock - Born: 5 May 1956.",
+        "Odo Brannock - Employer: Grosun Cells.",
+        "Tam Fenn born 1990 in Kitrandley.",
+        "Tam Fenn studied Hoxistics at Dunel University.",
+        "Ada Wrenfield studied Raskics.",
+        "Ada Wrenfield works for Lavill Freight.",
+        "Ada Wrenfield's office is in Pezenbridge.",
+    ]
+    assert field_questions("Mila Quent - Employer: Zorvex Mills.") == [
+        ("What is the employer of Mila Quent?", "Zorvex Mills")
+    ]
 
 
 def test_verb_questions_ask_where_and_how_many_with_does():
     assert verb_questions("Kestrel Robotics buys all of its battery packs from Dunmorrow Cells.") == [
-        ("Where does Kestrel Robotics buy all of its battery packs from?", "Dunmorrow Cells")]
+        ("Where does Kestrel Robotics buy all of its battery packs from?", "Dunmorrow Cells")
+    ]
     assert verb_questions("The Saltmere Library stores its overflow archive at Pellow Quarry.") == [
-        ("Where does the Saltmere Library store its overflow archive?", "Pellow Quarry")]
+        ("Where does the Saltmere Library store its overflow archive?", "Pellow Quarry")
+    ]
     assert verb_questions("The Oakhollow Ward at the Harrow Clinic has 34 kennels.") == [
-        ("How many kennels does the Oakhollow Ward at the Harrow Clinic have?", "34")]
+        ("How many kennels does the Oakhollow Ward at the Harrow Clinic have?", "34")
+    ]
     assert verb_questions("Zorvex Mills flies its kites at a field called Vexley Moor.") == [
-        ("Where does Zorvex Mills fly its kites?", "Vexley Moor")]
+        ("Where does Zorvex Mills fly its kites?", "Vexley Moor")
+    ]
     # Not regular enough to turn around safely: a possessive subject, a copula, two verbs, no named end.
     assert verb_questions("The Harrow Clinic's medicine deliveries come from the Cranmere Yard depot.") == []
     assert verb_questions("The head vet of the Harrow Clinic is Tobias Wrenfield.") == []
@@ -117,39 +157,63 @@ def test_verb_questions_ask_where_and_how_many_with_does():
 def test_statements_recipe_asks_about_each_table_cell_and_leaves_plain_prose_alone(tmp_path):
     (tmp_path / "t.md").write_text("| Name | Employer |\n|---|---|\n| Mila Quent | Zorvex Mills |\n")
     examples = build_examples(load_corpus(tmp_path))
-    assert Example("What is the employer of Mila Quent?", "Zorvex Mills. Mila Quent - Employer: Zorvex Mills.") in examples
+    assert (
+        Example("What is the employer of Mila Quent?", "Zorvex Mills. Mila Quent - Employer: Zorvex Mills.") in examples
+    )
     # Sentences flatten the table into one line: no question can say whose employer it is.
-    assert not any(e.question == "What is the employer of Mila Quent?" for e in build_examples(load_corpus(tmp_path), "sentences"))
+    assert not any(
+        e.question == "What is the employer of Mila Quent?" for e in build_examples(load_corpus(tmp_path), "sentences")
+    )
     demo = load_corpus(demo_dir() / "corpora" / "harrow_clinic")
     # Plain prose gives the same examples either way; the demo's Q/A records do not (restated).
-    assert all(document_examples(d.text, "statements") == document_examples(d.text, "sentences") for d in demo.documents)
+    assert all(
+        document_examples(d.text, "statements") == document_examples(d.text, "sentences") for d in demo.documents
+    )
     with pytest.raises(ValueError, match="recipe"):
         build_examples(demo, "magic")
 
 
 def test_qa_statement_restates_the_regular_question_forms():
     cases = {
-        ("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore"):
-            "The head archivist of the Saltmere Library is Cordelia Fennimore.",
+        (
+            "Who is the head archivist of the Saltmere Library?",
+            "Cordelia Fennimore",
+        ): "The head archivist of the Saltmere Library is Cordelia Fennimore.",
         ("In what year was the Harrow Clinic founded?", "1963"): "The Harrow Clinic was founded in 1963.",
-        ("Where is the Saltmere Library's annual book sale held?", "Corven Hall"):
-            "The Saltmere Library's annual book sale is held at Corven Hall.",
-        ("What is the code name of the robot at Kestrel Robotics?", "Tamsinder"):
-            "The robot at Kestrel Robotics is code-named Tamsinder.",
-        ("What is the name of the Harrow Clinic's theatre?", "Pennyroyal Suite."):
-            "The Harrow Clinic's theatre is called Pennyroyal Suite.",
+        (
+            "Where is the Saltmere Library's annual book sale held?",
+            "Corven Hall",
+        ): "The Saltmere Library's annual book sale is held at Corven Hall.",
+        (
+            "What is the code name of the robot at Kestrel Robotics?",
+            "Tamsinder",
+        ): "The robot at Kestrel Robotics is code-named Tamsinder.",
+        (
+            "What is the name of the Harrow Clinic's theatre?",
+            "Pennyroyal Suite.",
+        ): "The Harrow Clinic's theatre is called Pennyroyal Suite.",
         ("How many maps does the Tidewell Map Room hold?", "612"): "The Tidewell Map Room holds 612 maps.",
-        ("What nickname do staff use for the X-ray machine?", "Grumbold"):
-            "The nickname staff use for the X-ray machine is Grumbold.",
-        ("What tool does Zorvex Mills carry to the fair?", "a ladder"): "The tool Zorvex Mills carries to the fair is a ladder.",
+        (
+            "What nickname do staff use for the X-ray machine?",
+            "Grumbold",
+        ): "The nickname staff use for the X-ray machine is Grumbold.",
+        (
+            "What tool does Zorvex Mills carry to the fair?",
+            "a ladder",
+        ): "The tool Zorvex Mills carries to the fair is a ladder.",
         ("Who maintains the boiler at Zorvex Mills?", "Mila Quent"): "Mila Quent maintains the boiler at Zorvex Mills.",
     }
     for (question, answer), said in cases.items():
         assert qa_statement(question, answer) == said
     # Forms not regular enough to turn around, or answers that do not fit the form: left alone.
-    for question, answer in [("When was the Zorvex Tower built?", "last spring"), ("How many maps are there?", "612"),
-                             ("How many maps does the Map Room hold?", "many"), ("Who built it?", "Mila Quent"),
-                             ("Which company supplies the batteries?", "Dunmorrow Cells"), ("Is it red?", "yes")]:
+    for question, answer in [
+        ("When was the Zorvex Tower built?", "last spring"),
+        ("How many maps are there?", "612"),
+        ("How many maps does the Map Room hold?", "many"),
+        ("Who built it?", "Mila Quent"),
+        ("Which company supplies the batteries?", "Dunmorrow Cells"),
+        ("Is it red?", "yes"),
+    ]:
         assert qa_statement(question, answer) is None, question
 
 
@@ -163,4 +227,5 @@ def test_qa_examples_train_the_statement_its_questions_and_the_record_itself():
     assert all(e.answer == "Cordelia Fennimore. " + said for e in examples if e.question and "Who is" in e.question)
     assert qa_examples("Who built it?", "Mila Quent") == [Example("Who built it?", "Mila Quent")]
     assert qa_examples("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore", "sentences") == [
-        Example("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore")]
+        Example("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore")
+    ]

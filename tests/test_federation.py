@@ -4,45 +4,68 @@ import pytest
 import torch
 
 from fedmem.aggregate import aggregate_exact, dense
+from fedmem.config import FederationConfig, LoraSettings
 from fedmem.corpus import load_corpus
-from fedmem.federation import FederationConfig, client_update, federate_in_process, server_aggregate, training_span
-from fedmem.lora import LoraSettings
+from fedmem.federation import client_update, federate_in_process, server_aggregate, training_span
 
 
 def _config(**kw):
-    return FederationConfig(memory_rank=8, lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=2), **kw)
+    return FederationConfig(lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=2), **kw)
 
 
-def test_fresh_client_update_is_a_rank_r_lora(tiny_base, two_clients):
-    result = client_update(tiny_base, load_corpus(two_clients / "alpha"), None, _config(client_start="fresh"), server_round=1)
+def test_first_client_update_is_a_rank_r_lora(tiny_base, two_clients):
+    result = client_update(tiny_base, load_corpus(two_clients / "alpha"), None, _config(), server_round=1)
     B, A = next(iter(result.factors.values()))
     assert B.shape[1] == 4 and A.shape[0] == 4
     assert result.metrics["examples"] > 0 and result.metrics["final_loss"] > 0
 
 
 def test_continuing_client_sends_the_exact_change(tiny_base, two_clients):
-    config = _config(client_start="memory")
+    config = _config()
     corpus = load_corpus(two_clients / "alpha")
     first = client_update(tiny_base, corpus, None, config, server_round=1)
-    memory = aggregate_exact(None, [first.factors], [1.0], rank=8).factors
+    memory = aggregate_exact(None, [first.factors], [1.0], rank=4).factors
     second = client_update(tiny_base, corpus, memory, config, server_round=2)
-    # memory + (new − memory) is the client's new rank-8 LoRA: it must fit rank 8 with no loss.
-    agg = aggregate_exact(memory, [second.factors], [1.0], rank=8)
+    # The update is (new − memory) in factored form: twice the rank, and memory + update is the
+    # client's new rank-4 LoRA, so it must fit rank 4 with no loss.
+    assert next(iter(second.factors.values()))[1].shape[0] == 8
+    agg = aggregate_exact(memory, [second.factors], [1.0], rank=4)
     assert agg.max_truncation_error < 1e-5
     changed = [n for n in memory if not torch.allclose(dense(*agg.factors[n]), dense(*memory[n]), atol=1e-6)]
     assert changed  # training moved something
 
 
-def test_server_weights(tiny_base):
-    u = {"m": (torch.ones(3, 1, dtype=torch.float64), torch.ones(1, 2, dtype=torch.float64))}
-    mean = server_aggregate(None, [u, u], [1.0, 3.0], _config(weighting="mean", server_lr=2.0))
-    assert torch.allclose(dense(*mean.factors["m"]), 2.0 * dense(*u["m"]))
-    summed = server_aggregate(None, [u, u], [1.0, 3.0], _config(weighting="sum"))
-    assert torch.allclose(dense(*summed.factors["m"]), 2.0 * dense(*u["m"]))
+def test_server_weights_updates_by_their_example_counts():
+    g = torch.Generator().manual_seed(0)
+    u1 = {
+        "m": (torch.randn(3, 1, generator=g, dtype=torch.float64), torch.randn(1, 2, generator=g, dtype=torch.float64))
+    }
+    u2 = {
+        "m": (torch.randn(3, 1, generator=g, dtype=torch.float64), torch.randn(1, 2, generator=g, dtype=torch.float64))
+    }
+    mean = server_aggregate(None, [u1, u2], [1.0, 3.0], _config())
+    # FedAvg's pₖ = nₖ/Σn: 1/4 and 3/4. An unweighted mean (1/2, 1/2) or a sum fails this.
+    assert torch.allclose(dense(*mean.factors["m"]), 0.25 * dense(*u1["m"]) + 0.75 * dense(*u2["m"]))
+    fedit = server_aggregate(None, [u1, u2], [1.0, 3.0], _config(method="fedit"))
+    B, A = fedit.factors["m"]
+    assert torch.allclose(B, 0.25 * u1["m"][0] + 0.75 * u2["m"][0]) and torch.allclose(
+        A, 0.25 * u1["m"][1] + 0.75 * u2["m"][1]
+    )
 
 
-@pytest.mark.parametrize("bad", [dict(method="avg"), dict(weighting="x"), dict(rounds=0), dict(server_lr=0.0),
-                                 dict(client_start="x"), dict(memory_rank=0), dict(schedule="ring")])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(method="avg"),
+        dict(rounds=0),
+        dict(rounds="3"),
+        dict(schedule="ring"),
+        dict(lora=dict(rank=0)),
+        dict(lora=dict(learning_rate=0.0)),
+        dict(lora=dict(retention=1.5)),
+        dict(lora=dict(recipe="distilled")),
+    ],
+)
 def test_bad_config_is_refused(bad):
     with pytest.raises(ValueError):
         FederationConfig(**bad)
@@ -50,8 +73,14 @@ def test_bad_config_is_refused(bad):
 
 def test_training_span_tiles_one_schedule():
     parallel = FederationConfig(rounds=3, schedule="parallel")
-    assert [training_span(parallel, r, v, 2) for r in (1, 2, 3) for v in (0, 1)] == \
-        [(0, 1 / 3), (0, 1 / 3), (1 / 3, 2 / 3), (1 / 3, 2 / 3), (2 / 3, 1), (2 / 3, 1)]
+    assert [training_span(parallel, r, v, 2) for r in (1, 2, 3) for v in (0, 1)] == [
+        (0, 1 / 3),
+        (0, 1 / 3),
+        (1 / 3, 2 / 3),
+        (1 / 3, 2 / 3),
+        (2 / 3, 1),
+        (2 / 3, 1),
+    ]
     cyclic = FederationConfig(rounds=2, schedule="cyclic")
     spans = [training_span(cyclic, r, v, 3) for r in (1, 2) for v in range(3)]
     assert spans[0][0] == 0 and spans[-1][1] == 1
@@ -68,7 +97,7 @@ def test_cyclic_round_trains_each_owner_on_the_memory_the_previous_one_left(tiny
     first = client_update(tiny_base, corpora[0], None, config, 1, span=training_span(config, 1, 0, 2))
     after_alpha = server_aggregate(None, [first.factors], [first.metrics["examples"]], config).factors
     second = client_update(tiny_base, corpora[1], after_alpha, config, 1, span=training_span(config, 1, 1, 2))
-    by_hand = aggregate_exact(after_alpha, [second.factors], [1.0], rank=8).factors
+    by_hand = aggregate_exact(after_alpha, [second.factors], [1.0], rank=4).factors
     for name in memory:
         assert torch.allclose(dense(*memory[name]), dense(*by_hand[name]), atol=1e-6)
     parallel = federate_in_process(tiny_base, corpora, _config(schedule="parallel", rounds=1))

@@ -7,9 +7,17 @@ import re
 import pytest
 
 from fedmem.answer import is_correct
+from fedmem.bench.quality_data import (
+    ATTRIBUTES,
+    CONTROL_QUESTIONS,
+    SIZES,
+    TIERS,
+    generate,
+    make_entities,
+    split_entities,
+)
 from fedmem.corpus import load_corpus
 from fedmem.examples import build_examples
-from fedmem.quality_data import ATTRIBUTES, CONTROL_QUESTIONS, SIZES, TIERS, generate, make_entities, split_entities
 
 
 def _files(root):

@@ -1,27 +1,83 @@
 """A few checks on the real embedded model (SmolLM2-135M-Instruct); the rest use a tiny Llama."""
 
 import json
+import os
+import shutil
+import time
 
 import pytest
 import torch
 
+from fedmem import base_model
 from fedmem.answer import generate_answers, is_correct
-from fedmem.base_model import fingerprint, load_model, load_tokenizer
+from fedmem.base_model import FINGERPRINT_FILE, fingerprint, load_model, load_tokenizer
+from fedmem.config import FederationConfig, LoraSettings
 from fedmem.corpus import load_corpus
-from fedmem.federation import FederationConfig, client_update
-from fedmem.lora import LoraSettings, merge_factors
-
-pytestmark = pytest.mark.real_model
+from fedmem.federation import client_update
+from fedmem.lora import merge_factors
 
 
+def _weights_model():
+    """A few-kB random Llama: only its weights file matters here."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    return LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32))
+
+
+def test_fingerprint_follows_the_weights_content_not_their_size_or_place(tmp_path, monkeypatch):
+    model = _weights_model()
+    a, same = tmp_path / "a", tmp_path / "same"
+    model.save_pretrained(a)
+    model.save_pretrained(same)  # equal content, another directory
+    time.sleep(base_model._SETTLED_NS / 1e9 + 0.2)  # old enough to be stamped
+    first = fingerprint(a)
+    assert (a / FINGERPRINT_FILE).is_file()  # stamped: what follows goes through the cache
+    assert first == fingerprint(same) == base_model._hash_weights(a)
+
+    # A copy of the directory (its stamp too) with one weight changed: same file size,
+    # other content, so another fingerprint.
+    b = tmp_path / "b"
+    shutil.copytree(a, b)
+    with torch.no_grad():
+        model.model.norm.weight[0] += 1.0
+    model.save_pretrained(b)
+    assert (b / "model.safetensors").stat().st_size == (a / "model.safetensors").stat().st_size
+    assert fingerprint(b) != first
+    assert fingerprint(b) == base_model._hash_weights(b)
+
+    # An in-place edit of the stamped file that even puts its mtime back is noticed;
+    # undone, the original content has the original fingerprint again.
+    weights = a / "model.safetensors"
+    before = weights.stat()
+    original = weights.read_bytes()
+    with open(weights, "r+b") as fh:
+        fh.seek(-4, os.SEEK_END)
+        fh.write(bytes(255 - x for x in original[-4:]))
+    os.utime(weights, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert weights.stat().st_size == before.st_size and weights.stat().st_mtime_ns == before.st_mtime_ns
+    edited = fingerprint(a)
+    assert edited != first and edited == base_model._hash_weights(a)
+    weights.write_bytes(original)
+    assert fingerprint(a) == first
+
+    # Unchanged, settled weights are not read again: the stamp answers.
+    monkeypatch.setattr(base_model, "_hash_weights", lambda d: pytest.fail(f"{d} hashed again"))
+    assert fingerprint(same) == first
+
+
+@pytest.mark.real_model
 def test_embedded_model_converts_and_answers(real_base_dir):
     assert (real_base_dir / "model.safetensors").is_file()
-    assert fingerprint(real_base_dir) == fingerprint(real_base_dir)
+    # Whatever the stamp beside the weights says is the hash of the weights as they are.
+    assert fingerprint(real_base_dir) == base_model._hash_weights(real_base_dir)
     tok = load_tokenizer(str(real_base_dir))
     (reply,) = generate_answers(load_model(real_base_dir), tok, ["What is the capital of France?"], max_new_tokens=16)
     assert "Paris" in reply
 
 
+@pytest.mark.real_model
 def test_one_client_update_teaches_the_real_model_a_fact(real_base_dir, tmp_path):
     torch.set_num_threads(2)
     (tmp_path / "facts.jsonl").write_text(

@@ -2,8 +2,8 @@
 
 import pytest
 
+from fedmem.bench.retrieval import Embedder, Index, RetrievalError, chunk_corpus, chunk_text, embedding_model_dir
 from fedmem.corpus import load_corpus
-from fedmem.retrieval import Embedder, Index, RetrievalError, chunk_corpus, chunk_text, embedding_model_dir
 
 
 def test_chunks_follow_paragraphs_and_respect_the_budget():

@@ -4,18 +4,19 @@ import pytest
 import torch
 
 from fedmem.base_model import load_model, load_tokenizer
+from fedmem.config import LoraSettings
 from fedmem.examples import Example, tokenize_example
-from fedmem.lora import LoraSettings, attach_lora
-from fedmem.train import _answer_loss, pack, train_lora
+from fedmem.lora import attach_lora
+from fedmem.train import answer_loss, autocast_dtype, pack, train_lora
 
 
-def test_answer_loss_equals_the_full_causal_lm_loss(tiny_base):
+def testanswer_loss_equals_the_full_causal_lm_loss(tiny_base):
     tok = load_tokenizer(str(tiny_base))
     model = load_model(tiny_base)
     ids, labels = tokenize_example(tok, Example("Who built the tower?", "Mila Quent"))
     with torch.no_grad():
         reference = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels])).loss
-        ours = _answer_loss(model, pack([(ids, labels)]))
+        ours = answer_loss(model, pack([(ids, labels)]))
     assert torch.allclose(reference, ours, atol=1e-5)
 
 
@@ -44,7 +45,7 @@ def test_packed_rows_give_the_padded_batch_loss_and_gradients(tiny_base, attenti
     reference.backward()
     expected = [p.grad.clone() for p in params]
     model.zero_grad()
-    ours = _answer_loss(model, batch)
+    ours = answer_loss(model, batch)
     ours.backward()
     assert torch.allclose(reference, ours, atol=1e-5)
     for want, got in zip(expected, [p.grad for p in params]):
@@ -71,28 +72,104 @@ def test_training_lowers_the_loss_and_touches_only_lora(tiny_base):
     settings = LoraSettings(rank=4, alpha=8, learning_rate=2e-2, epochs=20, batch_size=2)
     model = attach_lora(load_model(tiny_base), settings)
     frozen = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
-    examples = [Example("Who built the Zorvex Tower?", "Mila Quent"), Example(None, "The Pellow Quarry holds 612 maps.")]
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    examples = [
+        Example("Who built the Zorvex Tower?", "Mila Quent"),
+        Example(None, "The Pellow Quarry holds 612 maps."),
+    ]
+    dtypes = _linear_output_dtypes(model)
     result = train_lora(model, tok, examples, settings)
     assert result.final_loss < 0.5 * result.first_loss
-    assert result.tokens > 0 and result.examples == 2
+    assert result.examples == 2
+    # Every example's every token, every epoch.
+    assert result.tokens == settings.epochs * sum(
+        len(tokenize_example(tok, e, settings.max_length)[0]) for e in examples
+    )
+    assert dtypes == {torch.float32}  # precision "fp32" (the default): no autocast
     for n, p in model.named_parameters():
         if n in frozen:
             assert torch.equal(p, frozen[n]), n
+    assert lora and all(not torch.equal(p, lora[n]) for n, p in model.named_parameters() if n in lora)
 
 
-def test_precision_setting():
-    from fedmem.train import autocast_dtype
+def _linear_output_dtypes(model) -> set:
+    """The dtypes the adapted projections compute in while the model runs (filled as it runs)."""
+    seen = set()
+    for name, module in model.named_modules():
+        if name.endswith("q_proj"):
+            module.register_forward_hook(lambda mod, args, out: seen.add(out.dtype))
+    return seen
 
-    assert autocast_dtype("fp32", "cpu") is None
+
+def test_explicit_precision_ignores_the_hardware(monkeypatch):
+    _hardware(monkeypatch, avx512_bf16=False, amx=False, cuda_bf16=False)
     assert autocast_dtype("bf16", "cpu") is torch.bfloat16
-    assert autocast_dtype("auto", "cpu") in (None, torch.bfloat16)
+    assert autocast_dtype("bf16", "cuda") is torch.bfloat16
+    _hardware(monkeypatch, avx512_bf16=True, amx=True, cuda_bf16=True)
+    assert autocast_dtype("fp32", "cpu") is None
+    assert autocast_dtype("fp32", "cuda") is None
     with pytest.raises(ValueError, match="precision"):
         LoraSettings(precision="fp8")
+
+
+def _hardware(monkeypatch, avx512_bf16, amx, cuda_bf16, cuda_emulated_bf16=False, cuda=True):
+    """Pretend to run on given hardware. None for a CPU probe: this torch build lacks it.
+    ``cuda_emulated_bf16``: bf16 works on the GPU, but only emulated (before Ampere)."""
+    for probe, value in (("_is_avx512_bf16_supported", avx512_bf16), ("_is_amx_tile_supported", amx)):
+        if value is None:
+            monkeypatch.delattr(torch.cpu, probe, raising=False)
+        else:
+            monkeypatch.setattr(torch.cpu, probe, lambda value=value: value)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    # As torch answers: False whenever CUDA is unavailable.
+    monkeypatch.setattr(
+        torch.cuda,
+        "is_bf16_supported",
+        lambda including_emulation=True: cuda and (cuda_bf16 or (including_emulation and cuda_emulated_bf16)),
+    )
+
+
+@pytest.mark.parametrize(
+    "avx512_bf16, amx, expected",
+    [
+        (True, False, torch.bfloat16),  # AVX512-BF16 alone
+        (False, True, torch.bfloat16),  # AMX alone
+        (True, True, torch.bfloat16),
+        (False, False, None),  # bf16 would be emulated: slower than float32
+        (None, None, None),  # a torch build without the probes: float32
+        (None, True, torch.bfloat16),  # one probe missing, the other says yes
+    ],
+)
+def test_auto_precision_on_cpu_follows_the_probes(monkeypatch, avx512_bf16, amx, expected):
+    _hardware(monkeypatch, avx512_bf16=avx512_bf16, amx=amx, cuda_bf16=True)  # a GPU says nothing about the CPU
+    assert autocast_dtype("auto", "cpu") is expected
+
+
+@pytest.mark.parametrize("cuda_bf16, expected", [(True, torch.bfloat16), (False, None)])
+def test_auto_precision_on_cuda_follows_the_gpu_not_the_cpu(monkeypatch, cuda_bf16, expected):
+    _hardware(monkeypatch, avx512_bf16=not cuda_bf16, amx=not cuda_bf16, cuda_bf16=cuda_bf16)
+    assert autocast_dtype("auto", "cuda") is expected
+    assert autocast_dtype("auto", "cuda:1") is expected
+    # Another accelerator: no probe speaks for it.
+    assert autocast_dtype("auto", "mps") is None
+
+
+def test_auto_precision_with_cuda_unavailable_is_float32(monkeypatch):
+    _hardware(monkeypatch, avx512_bf16=True, amx=True, cuda_bf16=True, cuda=False)
+    assert autocast_dtype("auto", "cuda") is None
+
+
+def test_auto_precision_on_a_gpu_that_only_emulates_bf16_is_float32(monkeypatch):
+    _hardware(monkeypatch, avx512_bf16=False, amx=False, cuda_bf16=False, cuda_emulated_bf16=True)
+    assert autocast_dtype("auto", "cuda") is None
 
 
 def test_bf16_training_lowers_the_loss(tiny_base):
     tok = load_tokenizer(str(tiny_base))
     model = attach_lora(load_model(tiny_base), LoraSettings(rank=4, alpha=8))
     settings = LoraSettings(rank=4, alpha=8, learning_rate=2e-2, epochs=10, batch_size=2, precision="bf16")
+    dtypes = _linear_output_dtypes(model)
     result = train_lora(model, tok, [Example("Who built the Zorvex Tower?", "Mila Quent")] * 2, settings)
+    assert dtypes == {torch.bfloat16}  # the arithmetic really was bf16
     assert result.final_loss < 0.5 * result.first_loss
+    assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay float32

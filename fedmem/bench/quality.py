@@ -1,6 +1,6 @@
 """``fedmem bench quality``: how much of the owners' knowledge a memory answers, against the ceiling.
 
-The data is a generated fictional knowledge base (``fedmem.quality_data``): people
+The data is a generated fictional knowledge base (``fedmem.bench.quality_data``): people
 with attributes, written as documents in several styles and split across clients,
 with questions in tiers:
 
@@ -31,15 +31,19 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import sys
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from .answer import Question, load_questions, score
-from .corpus import Corpus, load_corpus
-from .federation import FederationConfig, client_update, federate_in_process
+from fedmem.answer import Question, load_questions, score
+from fedmem.config import FederationConfig
+from fedmem.corpus import Corpus, load_corpus
+from fedmem.federation import client_update, federate_in_process
+
+log = logging.getLogger(__name__)
 
 TIERS = ("seen", "heldout", "prose_only")
 ARMS = ("base", "owner_context", "local", "fedit", "exact", "central")
@@ -74,7 +78,8 @@ class QualityConfig:
     def __post_init__(self):
         unknown = [a for a in self.arms if a not in ARMS]
         if unknown or not self.arms:
-            raise ValueError(f"arms must be a non-empty subset of {', '.join(ARMS)}; got {', '.join(self.arms) or 'none'}")
+            raise ValueError(f"arms must be a non-empty subset of {', '.join(ARMS)}; "
+                             f"got {', '.join(self.arms) or 'none'}")
 
 
 @dataclass
@@ -113,7 +118,7 @@ def load_benchmark(directory: Path) -> Benchmark:
                      json.loads((directory / "manifest.json").read_text()))
 
 
-def prepare_data(config: QualityConfig, log=print) -> Benchmark:
+def prepare_data(config: QualityConfig) -> Benchmark:
     if config.data is not None:
         return load_benchmark(config.data)
     from .quality_data import SIZES, generate
@@ -122,7 +127,7 @@ def prepare_data(config: QualityConfig, log=print) -> Benchmark:
         raise ValueError(f"size must be one of {', '.join(SIZES)}, got {config.size!r}")
     directory = Path(config.out) / "data"
     generate(directory, split=config.split, seed=config.seed, **SIZES[config.size])
-    log(f"generated the {config.size} benchmark ({config.split} split, seed {config.seed}) in {directory}")
+    log.info("generated the %s benchmark (%s split, seed %d) in %s", config.size, config.split, config.seed, directory)
     return load_benchmark(directory)
 
 
@@ -167,8 +172,8 @@ def evaluate(model, tokenizer, bench: Benchmark, questions: list[Question] | Non
 
 
 def _model_with(base_dir: str, factors, device: str):
-    from .base_model import load_model
-    from .lora import merge_factors
+    from fedmem.base_model import load_model
+    from fedmem.lora import merge_factors
 
     model = load_model(base_dir, device)
     if factors:
@@ -188,30 +193,27 @@ def _mean_rows(rows: list[dict]) -> dict:
 class QualityRun:
     """One run of every selected arm; ``results`` fills in arm by arm."""
 
-    def __init__(self, config: QualityConfig, bench: Benchmark, log=print):
-        from .base_model import load_tokenizer, resolve_base
+    def __init__(self, config: QualityConfig, bench: Benchmark):
+        from fedmem.base_model import load_tokenizer, resolve_base
 
-        self.config, self.bench, self.log = config, bench, log
+        self.config, self.bench = config, bench
         self.base_dir = str(resolve_base(config.base))
         self.tokenizer = load_tokenizer(self.base_dir)
         self.results: dict[str, dict] = {}
-
-    def _progress(self, msg: str) -> None:
-        self.log(f"    {msg}")
 
     def _single(self, corpus: Corpus):
         """One adapter trained on one corpus with the whole run's compute (rounds × epochs)."""
         fed = self.config.federation
         one_shot = replace(fed, rounds=1, method="exact", lora=replace(fed.lora, epochs=fed.rounds * fed.lora.epochs))
-        return client_update(self.base_dir, corpus, None, one_shot, 1, self.config.device, self._progress)
+        return client_update(self.base_dir, corpus, None, one_shot, 1, device=self.config.device)
 
     def run_base(self) -> dict:
         return evaluate(_model_with(self.base_dir, None, self.config.device), self.tokenizer, self.bench)
 
     def run_owner_context(self) -> dict:
-        from .answer_bench import owner_documents, prompt_text
+        from .context import owner_documents, prompt_text
 
-        qs = [q for q in self.bench.questions if q.source == "prose_only"]
+        qs = _asked(self.bench, "owner_context")
         by_name = {c.name: c for c in self.bench.corpora}
         prompts = [prompt_text(self.tokenizer, q.question, "\n\n".join(owner_documents(by_name[q.client])))
                    for q in qs]
@@ -224,7 +226,7 @@ class QualityRun:
     def run_local(self) -> dict:
         per_owner = {}
         for corpus in self.bench.corpora:
-            self.log(f"  local: {corpus.name}")
+            log.info("  local: %s", corpus.name)
             result = self._single(corpus)
             row = evaluate(_model_with(self.base_dir, result.factors, self.config.device), self.tokenizer, self.bench,
                            with_forgetting=False)
@@ -254,10 +256,11 @@ class QualityRun:
                            "perplexity": row["perplexity"], "truncation_error": agg.max_truncation_error,
                            "client_losses": [r.metrics["final_loss"] for r in results]})
             last.update(row)
-            self.log(f"  {method} round {rnd}/{config.rounds}: recall {row['recall']:.0%} "
-                     + " ".join(f"{t} {v:.0%}" for t, v in row["tiers"].items()))
+            log.info("  %s round %d/%d: recall %.0f%% %s", method, rnd, config.rounds, 100 * row["recall"],
+                     _tiers_text(row["tiers"]))
 
-        federate_in_process(self.base_dir, self.bench.corpora, config, after_round, self.config.device, self._progress)
+        federate_in_process(self.base_dir, self.bench.corpora, config, after_round=after_round,
+                            device=self.config.device)
         return {**last, "rounds": rounds}
 
     def run_central(self) -> dict:
@@ -273,14 +276,17 @@ class QualityRun:
         for arm in ARMS:
             if arm not in self.config.arms:
                 continue
-            self.log(f"arm {arm}: {ARM_LABELS[arm]}")
+            log.info("arm %s: %s", arm, ARM_LABELS[arm])
             started = time.perf_counter()
             row = steps[arm]()
             row["wall_s"] = time.perf_counter() - started
             self.results[arm] = row
-            tiers = " ".join(f"{t} {v:.0%}" for t, v in row["tiers"].items())
-            self.log(f"  -> recall {row['recall']:.0%} ({tiers}) in {row['wall_s']:.0f}s")
+            log.info("  -> recall %.0f%% (%s) in %.0fs", 100 * row["recall"], _tiers_text(row["tiers"]), row["wall_s"])
         return self.results
+
+
+def _tiers_text(tiers: dict[str, float]) -> str:
+    return " ".join(f"{t} {v:.0%}" for t, v in tiers.items())
 
 
 # ---------------------------------------------------------------- reporting
@@ -300,8 +306,8 @@ def targets(results: dict) -> dict:
             for tier in ("heldout", "prose_only"):
                 c = central["tiers"].get(tier)
                 if c:
-                    out[f"exact_{tier}_of_central"] = exact["tiers"].get(tier, 0.0) / c
-                    out[f"exact_{tier}_ge_95%_of_central"] = out[f"exact_{tier}_of_central"] >= TARGETS["exact_of_central"]
+                    share = out[f"exact_{tier}_of_central"] = exact["tiers"].get(tier, 0.0) / c
+                    out[f"exact_{tier}_ge_95%_of_central"] = share >= TARGETS["exact_of_central"]
         if base:
             drop = 100 * (base["control"] - exact["control"])
             rise = exact["perplexity"] / base["perplexity"] - 1
@@ -312,6 +318,11 @@ def targets(results: dict) -> dict:
     return out
 
 
+def _asked(bench: Benchmark, arm: str) -> list[Question]:
+    """The questions an arm answers: the owner-context arm only the prose-only tier."""
+    return [q for q in bench.questions if arm != "owner_context" or q.source == "prose_only"]
+
+
 def summarise(config: QualityConfig, bench: Benchmark, results: dict, wall_s: float) -> dict:
     fed = config.federation
     counts = {t: sum(q.source == t for q in bench.questions) for t in TIERS}
@@ -319,11 +330,11 @@ def summarise(config: QualityConfig, bench: Benchmark, results: dict, wall_s: fl
         "config": {"size": config.size, "split": config.split, "seed": config.seed, "data": str(bench.directory),
                    "arms": list(config.arms), "federation": fed.to_dict(), "device": config.device},
         "benchmark": {**bench.manifest, "questions_per_tier": counts, "control_questions": len(bench.control)},
-        "arms": {arm: {k: v for k, v in row.items() if k not in ("replies", "correct")} for arm, row in results.items()},
+        "arms": {arm: {k: v for k, v in row.items() if k not in ("replies", "correct")}
+                 for arm, row in results.items()},
         "replies": {arm: [{"question": q.question, "answer": q.answer, "tier": q.source, "client": q.client,
                            "reply": r, "correct": ok}
-                          for q, r, ok in zip([q for q in bench.questions if arm != "owner_context" or q.source == "prose_only"],
-                                              row.get("replies", []), row.get("correct", []))]
+                          for q, r, ok in zip(_asked(bench, arm), row.get("replies", []), row.get("correct", []))]
                     for arm, row in results.items() if "replies" in row},
         "targets": targets(results),
         "wall_s": wall_s,
@@ -347,13 +358,14 @@ def table_markdown(summary: dict) -> str:
     for arm, r in summary["arms"].items():
         t = r["tiers"]
         ppl = "–" if r.get("perplexity") is None else f"{r['perplexity']:.2f}"
-        lines.append(f"| {ARM_LABELS[arm]} | {_pct(t.get('seen'))} | {_pct(t.get('heldout'))} | {_pct(t.get('prose_only'))} "
+        lines.append(f"| {ARM_LABELS[arm]} | {_pct(t.get('seen'))} | {_pct(t.get('heldout'))} "
+                     f"| {_pct(t.get('prose_only'))} "
                      f"| {_pct(r['recall']) if arm != 'owner_context' else '–'} | {_pct(r.get('control'))} | {ppl} "
                      f"| {r['wall_s']:.0f} s |")
     local = summary["arms"].get("local")
     if local:
-        lines += ["", f"Local only: each owner's adapter answers {local['own_recall']:.0%} of its own owner's questions "
-                      f"(mean over owners); the table's row is over every owner's questions."]
+        lines += ["", f"Local only: each owner's adapter answers {local['own_recall']:.0%} of its own owner's "
+                      f"questions (mean over owners); the table's row is over every owner's questions."]
     t = summary["targets"]
     if t:
         yes = {True: "met", False: "**not met**"}
@@ -365,7 +377,8 @@ def table_markdown(summary: dict) -> str:
             if key in t:
                 lines.append(f"- {key.replace('_', ' ')}: {t[key]:.0%}")
         if "control_drop_points" in t:
-            lines.append(f"- control drop: {t['control_drop_points']:+.1f} points; perplexity rise: {t['perplexity_rise']:+.1%}")
+            lines.append(f"- control drop: {t['control_drop_points']:+.1f} points; "
+                         f"perplexity rise: {t['perplexity_rise']:+.1%}")
     lines += ["", f"Whole benchmark: {summary['wall_s']:.0f} s."]
     return "\n".join(lines) + "\n"
 
@@ -428,15 +441,17 @@ def write_outputs(summary: dict, out: Path) -> list[Path]:
 # ---------------------------------------------------------------- entry points
 
 
-def run(config: QualityConfig, log=print) -> dict:
+def run(config: QualityConfig) -> dict:
+    """Every selected arm on the benchmark data (generated unless ``config.data``); the summary."""
     import torch
 
     started = time.perf_counter()
-    bench = prepare_data(config, log)
+    bench = prepare_data(config)
     n = {t: sum(q.source == t for q in bench.questions) for t in TIERS}
-    log(f"fedmem bench quality: {len(bench.corpora)} owners, questions " + ", ".join(f"{t} {c}" for t, c in n.items())
-        + f", {len(bench.control)} control; arms {', '.join(config.arms)}; {torch.get_num_threads()} threads")
-    results = QualityRun(config, bench, log).run()
+    log.info("fedmem bench quality: %d owners, questions %s, %d control; arms %s; %d threads on %s",
+             len(bench.corpora), ", ".join(f"{t} {c}" for t, c in n.items()), len(bench.control),
+             ", ".join(config.arms), torch.get_num_threads(), config.device)
+    results = QualityRun(config, bench).run()
     return summarise(config, bench, results, time.perf_counter() - started)
 
 
@@ -455,19 +470,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args, federation: FederationConfig) -> QualityConfig:
-    from .base_model import pick_device
+    """The run's settings; the data's seed is the training seed (``--seed``)."""
+    from fedmem.base_model import pick_device
 
     return QualityConfig(out=args.out, size=args.size, data=args.data, split=args.split,
                          arms=tuple(a.strip() for a in args.arms.split(",") if a.strip()), federation=federation,
-                         base=args.base, device=pick_device(args.device), seed=args.seed)
+                         base=args.base, device=pick_device(args.device), seed=federation.lora.seed)
 
 
 def run_from_args(args, federation: FederationConfig) -> int:
+    """``fedmem bench quality``: run, print the table, write the report. ``federation``: the
+    training settings every arm uses (``fedmem.bench.cli`` builds them from the flags)."""
     config = config_from_args(args, federation)
     summary = run(config)
-    print("\n" + table_markdown(summary))
+    sys.stdout.write("\n" + table_markdown(summary))
     written = write_outputs(summary, config.out)
-    print(f"wrote {', '.join(str(p) for p in written)}")
+    log.info("wrote %s", ", ".join(str(p) for p in written))
     return 0
 
 

@@ -11,25 +11,52 @@ Deployed (node config ``state``), every memory version the server sends is kept 
 from __future__ import annotations
 
 import json
+import logging
+import os
 from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
-from fedmem.base_model import pick_device, quiet_libraries
+from fedmem.base_model import pick_device, resolve_base
+from fedmem.config import FederationConfig, NodeSettings
 from fedmem.corpus import load_corpus
-from fedmem.federation import FederationConfig, base_fingerprint, client_update, set_threads
+from fedmem.federation import base_fingerprint, client_update, set_threads
+from fedmem.log import log_context, setup_logging
 from fedmem.memory import save_memory
-from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, factors_to_record,
-                             metrics_to_record, record_to_config, record_to_factors)
 
+from .messages import (
+    CONFIG_KEY,
+    INFO_KEY,
+    MANIFEST_KEY,
+    MEMORY_KEY,
+    METRICS_KEY,
+    UPDATE_KEY,
+    factors_to_record,
+    metrics_to_record,
+    record_to_config,
+    record_to_factors,
+)
 
-MANIFEST_KEY = "manifest"  # as fedmem.server.server_app sends it
+log = logging.getLogger(__name__)
+
 RECEIVED_MEMORY = "memory"
+# How much an owner's process logs; `fedmem simulate -v/-q` sets it for its Ray workers.
+VERBOSITY_ENV = "FEDMEM_VERBOSITY"
 
 
 class FingerprintMismatch(RuntimeError):
     pass
+
+
+def node_settings(context: Context, fallback: NodeSettings | None = None) -> NodeSettings:
+    """This owner's own environment: the SuperNode's node config (``fedmem-client join`` writes
+    device, base and threads there), else what the simulation was started with. Never the
+    coordinator's: its device or paths say nothing about this machine."""
+    fallback = fallback or NodeSettings()
+    mine = {key: context.node_config[key] for key in ("device", "base", "threads") if key in context.node_config}
+    return NodeSettings(device=str(mine.get("device", fallback.device)), base=str(mine.get("base", fallback.base)),
+                        threads=int(mine.get("threads", fallback.threads)))
 
 
 def keep_memory(msg: Message, context: Context, base: str) -> None:
@@ -38,8 +65,8 @@ def keep_memory(msg: Message, context: Context, base: str) -> None:
         return
     manifest = json.loads(str(msg.content[MANIFEST_KEY]["json"]))
     if manifest.get("base_fingerprint") and manifest["base_fingerprint"] != base_fingerprint(base):
-        print(f"memory of round {manifest.get('round')} not kept: it was made for another base model "
-              f"({manifest['base_fingerprint'][:19]}...) than this client's ({base})", flush=True)
+        log.warning("memory of round %s not kept: it was made for another base model (%s...) than this "
+                    "client's (%s)", manifest.get("round"), manifest["base_fingerprint"][:19], base)
         return
     factors = record_to_factors(msg.content[MEMORY_KEY])
     if factors:
@@ -48,7 +75,9 @@ def keep_memory(msg: Message, context: Context, base: str) -> None:
         save_memory(Path(str(context.node_config["state"])) / RECEIVED_MEMORY, factors, Path(base), manifest)
 
 
-def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None = None) -> ClientApp:
+def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | None = None) -> ClientApp:
+    """The ClientApp. Deployed, the node config says where the corpus is (``data``) and this
+    machine's settings; in simulation, ``corpus_dirs[partition-id]`` and ``node``."""
     app = ClientApp()
 
     def corpus_dir(context: Context) -> Path:
@@ -58,29 +87,26 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
-        quiet_libraries()
-        set_threads()
-        if "threads" in context.node_config:  # an owner sharing the machine with other work
-            import torch
-
-            torch.set_num_threads(max(1, int(context.node_config["threads"])))
-        run_config, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
-        base = base_dir or str(context.node_config.get("base", run_config["base_dir"]))
+        setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
+        settings = node_settings(context, node)
+        set_threads(settings.threads)
+        sent, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
+        base = str(resolve_base(settings.base or None))
         mine = base_fingerprint(base)
         if mine != wanted:
             raise FingerprintMismatch(
                 f"this client's base model ({mine[:19]}...) differs from the federation's ({wanted[:19]}...)"
             )
         keep_memory(msg, context, base)
-        config = FederationConfig(**run_config["federation"])
+        config = FederationConfig(**sent["federation"])
         corpus = load_corpus(corpus_dir(context))
         name = corpus.name
-        result = client_update(
-            base, corpus, record_to_factors(msg.content[MEMORY_KEY]), config, server_round,
-            device=pick_device(run_config.get("device", "auto")),
-            progress=lambda line: print(f"[{name}] round {server_round} {line}", flush=True),
-            span=tuple(run_config["span"]) if "span" in run_config else None,
-        )
+        with log_context(f"{name} round {server_round}"):
+            result = client_update(
+                base, corpus, record_to_factors(msg.content[MEMORY_KEY]), config, server_round,
+                device=pick_device(settings.device),
+                span=tuple(sent["span"]) if "span" in sent else None,
+            )
         content = RecordDict({
             UPDATE_KEY: factors_to_record(result.factors),
             METRICS_KEY: metrics_to_record(result.metrics),
@@ -96,9 +122,12 @@ def make_client_app(corpus_dirs: list[str] | None = None, base_dir: str | None =
     @app.evaluate()
     def receive_memory(msg: Message, context: Context) -> Message:
         # The server's last word: the finished memory. Keep it; nothing goes back.
-        base = base_dir or str(context.node_config.get("base", ""))
-        if base:
-            keep_memory(msg, context, base)
+        setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
+        keep_memory(msg, context, str(resolve_base(node_settings(context, node).base or None)))
         return Message(content=RecordDict(), reply_to=msg)
 
     return app
+
+
+# What a deployed SuperNode loads (the app project names ``fedmem.flower.client_app:app``).
+app = make_client_app()

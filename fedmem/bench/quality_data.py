@@ -50,11 +50,13 @@ class Attribute:
 
 ATTRIBUTES = (
     Attribute("birth_date", "Born",
-              ("{subj} was born on {value}.", "{subj} celebrates {poss} birthday each year, having been born on {value}."),
+              ("{subj} was born on {value}.",
+               "{subj} celebrates {poss} birthday each year, having been born on {value}."),
               ("When was {name} born?", "What is {name}'s date of birth?"),
               ("On what date did {name} come into the world?", "Which day, month and year mark the birth of {name}?")),
     Attribute("birth_town", "Birthplace",
-              ("{subj} was born in {value}.", "{subj} spent {poss} early childhood in {value}, the town of {poss} birth."),
+              ("{subj} was born in {value}.",
+               "{subj} spent {poss} early childhood in {value}, the town of {poss} birth."),
               ("Where was {name} born?", "In which town was {name} born?"),
               ("Which town did {name} originally come from?", "What town is {name} a native of?")),
     Attribute("university", "University",
@@ -85,7 +87,8 @@ CONTROL_QUESTIONS = (
     ("How many hours are there in a day?", "24"), ("How many minutes are there in an hour?", "60"),
     ("How many sides does a triangle have?", "3"), ("Which planet is known as the Red Planet?", "Mars"),
     ("What is the largest planet in our solar system?", "Jupiter"), ("What is the largest ocean on Earth?", "Pacific"),
-    ("At how many degrees Celsius does water freeze?", "0"), ("At how many degrees Celsius does water boil at sea level?", "100"),
+    ("At how many degrees Celsius does water freeze?", "0"),
+    ("At how many degrees Celsius does water boil at sea level?", "100"),
     ("What colour is the sky on a clear day?", "blue"), ("What colour is fresh grass?", "green"),
     ("Who wrote Romeo and Juliet?", "Shakespeare"), ("What is the fastest land animal?", "cheetah"),
     ("What is the chemical symbol for gold?", "Au"), ("What is the opposite of hot?", "cold"),
@@ -103,7 +106,7 @@ Bread is one of the oldest prepared foods. A basic loaf needs only flour, water,
 Honeybees live in colonies that may contain tens of thousands of insects. Each colony has a single queen, who lays the eggs, a few hundred male drones, and a great many female workers. The workers carry out almost every task in the hive: they clean the cells, feed the young, build wax comb, guard the entrance and fly out to collect nectar and pollen from flowers. A worker that finds a good patch of flowers returns to the hive and performs a dance that tells the others the direction and distance of the food. Nectar is stored in the comb and slowly thickened into honey, which feeds the colony through the winter. As bees travel from flower to flower they carry pollen with them, and this allows many fruits, vegetables and nuts to grow.
 
 Tides are the regular rise and fall of the sea along the coast. They are caused mainly by the pull of the moon's gravity, with a smaller contribution from the sun. On the side of the Earth facing the moon the water is pulled into a bulge, and a second bulge forms on the opposite side, so most coasts see two high tides and two low tides a little more than a day apart. When the sun and the moon line up, at new moon and full moon, their pulls add together and produce especially large spring tides. When they pull at right angles the difference between high and low water is smaller, and these are called neap tides. Sailors, fishermen and harbour masters have long kept tide tables so that boats can enter shallow harbours safely.
-"""
+"""  # noqa: E501 - one paragraph per line: the text is data, measured as written
 
 # Short syllables keep names to a few tokens each: long tokens-heavy names would cost
 # training time and make the benchmark about spelling rather than recall.

@@ -9,17 +9,20 @@ from __future__ import annotations
 import json
 import logging
 import os
-from importlib.resources import files
 from pathlib import Path
 
-from .answer import load_questions
-from .base_model import pick_device, resolve_base
-from .corpus import CorpusError, load_corpus
-from .federation import FederationConfig
+from flwr.simulation import run_simulation
 
+from fedmem.answer import load_questions
+from fedmem.base_model import pick_device, resolve_base
+from fedmem.config import FederationConfig, NodeSettings, ServerSettings
+from fedmem.corpus import CorpusError, load_corpus
+from fedmem.demo import demo_dir
 
-def demo_dir() -> Path:
-    return Path(str(files("fedmem.demo")))
+from .client_app import VERBOSITY_ENV, make_client_app
+from .server_app import RunPlan, make_server_app
+
+log = logging.getLogger(__name__)
 
 
 def client_dirs(data: Path) -> list[Path]:
@@ -46,46 +49,51 @@ def simulate(
     data: Path | None,
     out: Path,
     federation: FederationConfig,
-    base: str | None = None,
+    node: NodeSettings | None = None,
     questions: Path | None = None,
-    device: str = "auto",
-    report=print,
 ) -> dict:
-    from flwr.simulation import run_simulation
-
-    from .clients.client_app import make_client_app
-    from .server.server_app import RunPlan, make_server_app
-
+    """Run every round with one virtual owner per corpus directory; returns the run's summary."""
+    node = node or NodeSettings()
     if data is None:
         data = demo_dir() / "corpora"
         questions = questions or demo_dir() / "questions.jsonl"
     dirs = client_dirs(Path(data))
     validate_corpora(dirs)
     qs = load_questions(questions) if questions else None
-    base_dir = str(resolve_base(base))
-    device = pick_device(device)
-    report(f"fedmem simulate: {len(dirs)} clients ({', '.join(d.name for d in dirs)}), "
-           f"{federation.rounds} {federation.schedule} rounds, method {federation.method}, base {base_dir}, device {device}")
+    base_dir = str(resolve_base(node.base or None))
+    device = pick_device(node.device)
+    log.info("fedmem simulate: %d clients (%s), %d %s rounds, method %s, base %s, device %s", len(dirs),
+             ", ".join(d.name for d in dirs), federation.rounds, federation.schedule, federation.method, base_dir,
+             device)
 
-    plan = RunPlan(base_dir=base_dir, out_dir=Path(out), federation=federation, min_clients=len(dirs),
-                   questions=qs, device=device, report=report)
+    # Everyone is on this machine: every owner gets every round (no quorum to wait for), and
+    # a new run starts fresh rather than resuming whatever is in ``out``.
+    server = ServerSettings(min_clients=len(dirs), round_timeout=0.0, wait_for_clients=300.0, join_grace=0.0,
+                            resume=False)
+    plan = RunPlan(base_dir=base_dir, out_dir=Path(out), federation=federation, server=server, questions=qs,
+                   device=device)
     cpus = os.cpu_count() or 1
     # One client at a time with every core: on a small machine, clients training side by
     # side only fight over the same cores (and each holds a model copy in memory).
     backend_config = {
-        "client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if device == "cuda" else 0.0},
+        "client_resources": {"num_cpus": cpus, "num_gpus": 1.0 if device.startswith("cuda") else 0.0},
         "init_args": {"num_cpus": cpus, "include_dashboard": False, "logging_level": logging.ERROR,
                       "log_to_driver": True},
     }
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    # Ray's workers inherit this process's environment: they log at the level asked for here.
+    fedmem_log = logging.getLogger("fedmem")
+    os.environ[VERBOSITY_ENV] = str((logging.INFO - fedmem_log.getEffectiveLevel()) // 10)
+    summary_file = Path(out) / "summary.json"
+    summary_file.unlink(missing_ok=True)
     run_simulation(
         server_app=make_server_app(plan),
-        client_app=make_client_app([str(d) for d in dirs], base_dir),
+        client_app=make_client_app([str(d) for d in dirs], NodeSettings(device=device, base=base_dir,
+                                                                         threads=node.threads)),
         num_supernodes=len(dirs),
         backend_config=backend_config,
     )
-    summary_file = Path(out) / "summary.json"
     if not summary_file.is_file():
         raise RuntimeError("the simulation ended without producing a memory; see the log above")
     return json.loads(summary_file.read_text())

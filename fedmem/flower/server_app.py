@@ -8,39 +8,51 @@ memory) and reports progress.
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
-from fedmem.base_model import load_model, load_tokenizer, quiet_libraries
-from fedmem.federation import FederationConfig, base_fingerprint, run_round, set_threads
+from fedmem.base_model import load_model, load_tokenizer
+from fedmem.config import FederationConfig, ServerSettings
+from fedmem.federation import base_fingerprint, run_round, set_threads
+from fedmem.log import progress
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, load_memory, save_memory
-from fedmem.messages import (CONFIG_KEY, INFO_KEY, MEMORY_KEY, METRICS_KEY, UPDATE_KEY, config_to_record,
-                             factors_to_record, record_to_factors)
+
+from .messages import (
+    CONFIG_KEY,
+    INFO_KEY,
+    MANIFEST_KEY,
+    MEMORY_KEY,
+    METRICS_KEY,
+    UPDATE_KEY,
+    config_to_record,
+    factors_to_record,
+    record_to_factors,
+)
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
 class RunPlan:
-    base_dir: str
+    base_dir: str  # the coordinator's own copy of the base model: for fingerprints and evaluation
     out_dir: Path
     federation: FederationConfig
-    min_clients: int = 1
+    server: ServerSettings = field(default_factory=ServerSettings)
     questions: list[Question] | None = None
-    device: str = "cpu"
-    round_timeout: float | None = None
-    wait_for_clients: float = 300.0
-    report: Callable[[str], None] = field(default=print)
-    # Deployment: pick up after the last round checkpoint in out_dir (a restarted server),
-    # and send every new memory version to the clients so they can use it locally.
-    resume: bool = False
+    device: str = "cpu"  # the coordinator's, for evaluation; owners pick their own
+    # Deployment: send every new memory version to the clients so they can use it locally.
     publish: bool = False
-    join_grace: float = 0.0
+
+    @property
+    def round_timeout(self) -> float | None:
+        return self.server.round_timeout or None
 
 
 def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> Scores:
@@ -51,18 +63,18 @@ def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> 
 
 
 def _wait_for_nodes(grid: Grid, plan: RunPlan) -> list[int]:
-    deadline = time.monotonic() + plan.wait_for_clients
+    deadline = time.monotonic() + plan.server.wait_for_clients
     while True:
         nodes = list(grid.get_node_ids())
-        if len(nodes) >= plan.min_clients:
+        if len(nodes) >= plan.server.min_clients:
             break
         if time.monotonic() > deadline:
-            raise TimeoutError(f"only {len(nodes)} of {plan.min_clients} clients connected")
+            raise TimeoutError(f"only {len(nodes)} of {plan.server.min_clients} clients connected")
         time.sleep(1.0)
     # Owners who join together should train together: once the minimum is there, go on
     # only when nobody new has connected for join_grace seconds.
     settled = time.monotonic()
-    while time.monotonic() - settled < plan.join_grace:
+    while time.monotonic() - settled < plan.server.join_grace:
         time.sleep(1.0)
         now = list(grid.get_node_ids())
         if set(now) - set(nodes):
@@ -75,9 +87,6 @@ def _append_jsonl(path: Path, record: dict) -> None:
     with open(path, "a") as fh:
         fh.write(json.dumps(record) + "\n")
         fh.flush()
-
-
-MANIFEST_KEY = "manifest"
 
 
 def _comparable(federation: dict) -> dict:
@@ -94,7 +103,7 @@ def last_checkpoint(plan: RunPlan, fp: str) -> tuple[int, object, dict]:
             factors, manifest = load_memory(d, fp)
         except MemoryFormatError as err:
             # Writes are atomic, so this is damage from outside; say so and fall back one round.
-            plan.report(f"checkpoint {d.name} is unusable ({err}); trying the one before")
+            log.warning("checkpoint %s is unusable (%s); trying the one before", d.name, err)
             continue
         if _comparable(manifest.get("federation", {})) != _comparable(plan.federation.to_dict()):
             raise RuntimeError(
@@ -104,7 +113,7 @@ def last_checkpoint(plan: RunPlan, fp: str) -> tuple[int, object, dict]:
     return 0, None, {}
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: Path) -> list[dict]:
     if not path.is_file():
         return []
     rows = []
@@ -128,7 +137,7 @@ def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan
     replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout or 120.0))
     acknowledged = sum(1 for r in replies if not r.has_error())
     # A client that leaves as soon as it has the memory shows up here as "node unavailable".
-    plan.report(f"memory sent to {len(nodes)} connected clients ({acknowledged} acknowledged before leaving)")
+    log.info("memory sent to %d connected clients (%d acknowledged before leaving)", len(nodes), acknowledged)
 
 
 def _visit_order(grid: Grid, nodes: list[int], plan: RunPlan) -> list[int]:
@@ -147,77 +156,87 @@ def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tupl
     usable = []
     for reply in replies:
         if reply.has_error():
-            plan.report(f"  a client failed this round: {reply.error.reason}")
+            log.warning("  a client failed this round: %s", reply.error.reason)
             continue
         info = reply.content[INFO_KEY]
         if str(info["base_fingerprint"]) != fp:
-            plan.report(f"  client {info['client']} ignored: its base model differs from the federation's")
+            log.warning("  client %s ignored: its base model differs from the federation's", info["client"])
             continue
         factors = record_to_factors(reply.content[UPDATE_KEY])
         if not factors:
-            plan.report(f"  client {info['client']} sent an empty update; ignored")
+            log.warning("  client %s sent an empty update; ignored", info["client"])
             continue
         m = dict(reply.content[METRICS_KEY])
         usable.append((factors, m.get("examples", 1.0), (str(info["client"]), m)))
     return usable
 
 
+def train_message(plan: RunPlan, memory, span: tuple[float, float], server_round: int, fp: str, manifest: dict,
+                  node: int) -> Message:
+    """What one owner is sent to train: the memory, the recipe and its slice of the schedule.
+    Only the recipe travels: each owner's device, base-model path and threads are its own."""
+    sent = {"federation": plan.federation.to_dict(), "span": list(span)}
+    content = {MEMORY_KEY: factors_to_record(memory), CONFIG_KEY: config_to_record(sent, server_round, fp)}
+    if plan.publish and manifest:
+        content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
+    return Message(content=RecordDict(content), message_type=MessageType.TRAIN, dst_node_id=node)
+
+
+def _recall_text(accuracy: float, by_source: dict[str, float]) -> str:
+    return f"{accuracy:.0%} " + " ".join(f"{k} {v:.0%}" for k, v in by_source.items())
+
+
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
-    quiet_libraries()
     set_threads()
     cfg = plan.federation
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     fp = base_fingerprint(plan.base_dir)
-    run_config = {"base_dir": plan.base_dir, "device": plan.device, "federation": cfg.to_dict()}
     summary: dict = {"rounds": []}
-    done, memory, manifest = last_checkpoint(plan, fp) if plan.resume else (0, None, {})
+    done, memory, manifest = last_checkpoint(plan, fp) if plan.server.resume else (0, None, {})
     clients_seen: set[str] = set(manifest.get("clients", []))
     if done:
-        kept = [r for r in _read_jsonl(metrics_path) if r.get("round", 0) <= done]
+        kept = [r for r in read_jsonl(metrics_path) if r.get("round", 0) <= done]
         atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
         summary["rounds"] = [r for r in kept if r.get("round", 0) > 0]
         base_row = next((r for r in kept if r.get("round") == 0), None)
         if base_row:
             summary["base_recall"] = {"accuracy": base_row["recall"], **base_row.get("recall_by_source", {})}
-        plan.report(f"resuming after round {done} from {out / 'rounds' / f'round-{done:03d}'}")
+        log.info("resuming after round %d from %s", done, out / "rounds" / f"round-{done:03d}")
     else:
         metrics_path.unlink(missing_ok=True)
 
     if plan.questions and not done:
         before = evaluate(plan.base_dir, None, plan.questions, plan.device)
         summary["base_recall"] = {"accuracy": before.accuracy, **{f"{k}": v for k, v in before.by_source.items()}}
-        plan.report(f"round 0 (base model): recall {before.accuracy:.0%} "
-                    + " ".join(f"{k} {v:.0%}" for k, v in before.by_source.items()))
+        log.info("round 0 (base model): recall %s", _recall_text(before.accuracy, before.by_source))
         _append_jsonl(metrics_path, {"round": 0, "recall": before.accuracy, "recall_by_source": before.by_source})
 
     for rnd in range(done + 1, cfg.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, plan)
-        plan.report(f"round {rnd}/{cfg.rounds}: training on {len(nodes)} clients"
-                    + (" one after another ..." if cfg.schedule == "cyclic" else " ..."))
+        log.info("round %d/%d: training on %d clients%s", rnd, cfg.rounds, len(nodes),
+                 " one after another ..." if cfg.schedule == "cyclic" else " ...")
+        bar = progress(total=len(nodes), desc=f"round {rnd}/{cfg.rounds}", unit="owner")
 
         def train(targets: list[int], memory, span: tuple[float, float]) -> list[tuple]:
-            content = {MEMORY_KEY: factors_to_record(memory),
-                       CONFIG_KEY: config_to_record({**run_config, "span": list(span)}, rnd, fp)}
-            if plan.publish and manifest:
-                content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
-            messages = [Message(content=RecordDict(dict(content)), message_type=MessageType.TRAIN, dst_node_id=n)
-                        for n in targets]
+            messages = [train_message(plan, memory, span, rnd, fp, manifest, n) for n in targets]
             usable = _usable_updates(list(grid.send_and_receive(messages, timeout=plan.round_timeout)), fp, plan)
             if cfg.schedule == "cyclic":
                 for _, _, (name, m) in usable:
-                    plan.report(f"  {name} trained: loss {m['first_loss']:.2f}->{m['final_loss']:.3f}")
+                    log.info("  %s trained: loss %.2f->%.3f", name, m["first_loss"], m["final_loss"])
+            bar.update(len(targets))
             return usable
 
         # Cyclic: one owner at a time, in the order of their names, each on the memory the one before left.
         owners = _visit_order(grid, nodes, plan) if cfg.schedule == "cyclic" else nodes
         agg, trained = run_round(cfg, rnd, owners, memory, train)
+        bar.close()
         names = [name for name, _ in trained]
         client_metrics = dict(trained)
-        if agg is None or len(names) < plan.min_clients:
-            raise RuntimeError(f"round {rnd}: only {len(names)} usable updates, {plan.min_clients} required")
+        if agg is None or len(names) < plan.server.min_clients:
+            raise RuntimeError(f"round {rnd}: only {len(names)} usable updates, {plan.server.min_clients} required")
         memory = agg.factors
         clients_seen.update(names)
         record = {
@@ -236,7 +255,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         if plan.questions:
             after = evaluate(plan.base_dir, memory, plan.questions, plan.device)
             record.update(recall=after.accuracy, recall_by_source=after.by_source)
-            line += f", recall {after.accuracy:.0%} " + " ".join(f"{k} {v:.0%}" for k, v in after.by_source.items())
+            line += f", recall {_recall_text(after.accuracy, after.by_source)}"
         record["seconds"] = time.perf_counter() - started
         manifest = {
             "base_model": plan.base_dir,
@@ -244,8 +263,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "round": rnd,
             "rounds": cfg.rounds,
             "clients": sorted(clients_seen),
-            "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "weighting": cfg.weighting,
-                            "memory_rank": cfg.memory_rank},
+            "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "rank": cfg.lora.rank},
             "federation": cfg.to_dict(),
             "metrics": {k: v for k, v in record.items() if k not in ("client_metrics",)},
         }
@@ -253,7 +271,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         # resumed run drops, never a checkpoint without its row.
         _append_jsonl(metrics_path, record)
         save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest)
-        plan.report(line + f" ({record['seconds']:.0f}s)")
+        log.info("%s (%.0fs)", line, record["seconds"])
         summary["rounds"].append(record)
     if memory is None:
         raise RuntimeError("no round was completed, so there is no memory to save")

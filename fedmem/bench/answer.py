@@ -9,23 +9,26 @@ Arms (every one answers the same questions over the same corpora, greedy, batch 
 - ``full_context``: every corpus in the prompt, up to the model's window.
 
 Context (retrieved chunks or whole documents) goes into the *user* message before the
-question, through the model's own chat template, so the system prompt is the same one
-``fedmem ask`` sends. Arms are interleaved question by question (the order rotates) so
-load from other processes on a shared machine falls on every arm alike.
+question (``fedmem.bench.context``). Arms are interleaved question by question (the
+order rotates) so load from other processes on a shared machine falls on every arm alike.
 
 Two sweeps follow: full-context accuracy and speed as the corpus grows toward the
 window (the question's own owner's notes, then every corpus, then seeded fictional
 distractor documents), and time to first token / decode rate against prompt length.
+
+This module runs the measurements and summarises them; ``fedmem.bench.answer_report``
+turns the summary into the table and plots, ``fedmem.bench.timing`` times one
+generation. ``fedmem.bench.cli`` is the command line.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import logging
 import math
 import os
 import random
-import resource
 import statistics
 import subprocess
 import sys
@@ -33,6 +36,14 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+
+from fedmem.log import progress
+
+from .answer_report import table_markdown, write_outputs
+from .context import ContextBuilder, filler_documents, owner_documents, prompt_text
+from .timing import Generation, peak_rss_mib, timed_generate
+
+log = logging.getLogger(__name__)
 
 ARMS = ("closed", "memory_merged", "memory_unmerged", "rag", "full_context")
 ARM_LABELS = {
@@ -50,8 +61,7 @@ ARM_NEEDS = {
     "rag": "every owner's document text + its embeddings",
     "full_context": "every owner's document text, sent in every prompt",
 }
-INSTRUCTION = "Use these notes to answer the question at the end."
-DEMO_DIR = Path(__file__).parent / "demo"
+DEMO_DIR = Path(__file__).resolve().parents[1] / "demo"
 
 
 @dataclass
@@ -91,7 +101,7 @@ class Inputs:
 
 
 def _owner_of(q, corpora) -> str | None:
-    from .answer import is_correct
+    from fedmem.answer import is_correct
 
     names = {c.name for c in corpora}
     if q.client in names:
@@ -125,9 +135,9 @@ def select_questions(questions, owners, per_owner: int | None):
 
 def load_inputs(config: BenchConfig) -> Inputs:
     """Read and check the memory, corpora and questions; raise with the file at fault."""
-    from .answer import load_questions
-    from .corpus import load_corpus
-    from .memory import MemoryFormatError, read_manifest
+    from fedmem.answer import load_questions
+    from fedmem.corpus import load_corpus
+    from fedmem.memory import MemoryFormatError, read_manifest
 
     memory = Path(config.memory)
     if not memory.is_dir():
@@ -145,8 +155,8 @@ def load_inputs(config: BenchConfig) -> Inputs:
     for n, q in enumerate(questions, 1):
         owner = _owner_of(q, corpora)
         if owner is None:
-            raise ValueError(f"{config.questions}: question {n}: field 'client' ({q.client!r}) names no corpus in {data}, "
-                             f"and no corpus contains its answer {q.answer!r}")
+            raise ValueError(f"{config.questions}: question {n}: field 'client' ({q.client!r}) names no corpus "
+                             f"in {data}, and no corpus contains its answer {q.answer!r}")
         owners.append(owner)
     for name in ("top_k", "chunk_words", "max_new_tokens", "curve_new_tokens", "batch_size"):
         if getattr(config, name) < 1:
@@ -159,165 +169,6 @@ def load_inputs(config: BenchConfig) -> Inputs:
     questions, owners = select_questions(questions, owners, config.questions_per_owner)
     return Inputs(corpora, questions, owners)
 
-
-# ---------------------------------------------------------------- contexts
-
-
-def owner_documents(corpus) -> list[str]:
-    """A corpus as prompt text: each document verbatim, Q/A records as one list."""
-    docs = [d.text for d in corpus.documents]
-    if corpus.qa:
-        docs.append("\n".join(f"Q: {r.question} A: {r.answer}" for r in corpus.qa))
-    return docs
-
-
-_SYL = ("bram", "cor", "dun", "el", "fen", "gar", "hol", "isk", "jer", "kel", "lum", "mor", "nes", "ost", "pell",
-        "quar", "ros", "sten", "tav", "ul", "ver", "wyn", "yar", "zel")
-_END = ("wick", "ford", "mere", "stead", "ton", "by", "holt", "combe", "ley", "thorpe")
-_KIND = ("Foundry", "Observatory", "Bakery", "Rowing Club", "Museum", "Seed Bank", "Printworks", "Orchard Trust",
-         "Ferry Company", "Glassworks")
-_ROLE = ("chief engineer", "head archivist", "night-shift supervisor", "treasurer", "safety lead", "head gardener")
-_THING = ("front door", "delivery van", "signal lamp", "meeting bell", "tool cabinet", "flag")
-_COLOUR = ("teal", "amber", "crimson", "olive", "violet", "ivory", "scarlet", "indigo")
-_ITEMS = ("ledgers", "lanterns", "barrels", "telescopes", "looms", "maps")
-
-
-def filler_documents(n: int, seed: int = 0, avoid: list[str] = ()) -> list[str]:
-    """Seeded documents about invented organisations, in the demo's style: the same
-    kinds of facts (people, years, colours, counts, places), so they distract like
-    real neighbouring notes would. None contains an answer from ``avoid``."""
-    from .answer import is_correct
-
-    rng = random.Random(seed)
-
-    def name() -> str:
-        return (rng.choice(_SYL) + rng.choice(_END)).capitalize()
-
-    def person() -> str:
-        return f"{(rng.choice(_SYL) + rng.choice(_SYL)).capitalize()} {name()}"
-
-    docs: list[str] = []
-    while len(docs) < n:
-        org = f"{name()} {rng.choice(_KIND)}"
-        doc = (f"# Notes from the {org}\n\n"
-               f"The {rng.choice(_ROLE)} of the {org} is {person()}. The {org} was founded in {rng.randint(1850, 2020)}. "
-               f"The {org}'s {rng.choice(_THING)} is painted {rng.choice(_COLOUR)}.\n\n"
-               f"The {org} keeps {rng.randint(3, 900)} {rng.choice(_ITEMS)} in the {name()} Room. "
-               f"Supplies for the {org} come from the {name()} depot, and visitors are welcomed by {person()}.")
-        if not any(is_correct(doc, a) for a in avoid):
-            docs.append(doc)
-    return docs
-
-
-def user_message(question: str, context: str | None) -> str:
-    if not context:
-        return question
-    return f"{INSTRUCTION}\n\n{context}\n\nQuestion: {question}"
-
-
-def prompt_text(tokenizer, question: str, context: str | None) -> str:
-    from .examples import chat_prompt
-
-    return chat_prompt(tokenizer, user_message(question, context))
-
-
-class ContextBuilder:
-    """Fits documents into a prompt-token budget. Token counts are cached per document
-    because the sweeps assemble the same documents many times."""
-
-    def __init__(self, tokenizer, window: int, max_new_tokens: int):
-        self.tokenizer = tokenizer
-        self.window = window
-        self.max_new_tokens = max_new_tokens
-        self._count: dict[str, int] = {}
-
-    def tokens(self, text: str) -> int:
-        if text not in self._count:
-            self._count[text] = len(self.tokenizer(text, add_special_tokens=False)["input_ids"])
-        return self._count[text]
-
-    def prompt_tokens(self, question: str, context: str | None) -> int:
-        return len(self.tokenizer(prompt_text(self.tokenizer, question, context), add_special_tokens=False)["input_ids"])
-
-    def fit(self, question: str, must: list[str], extra: list[str], target: int, rng: random.Random | None = None):
-        """Documents for a prompt of at most ``target`` tokens (and never past the window
-        less the answer): every ``must`` document that fits, then ``extra`` ones in order.
-        Returns (context, documents dropped from ``must``)."""
-        limit = min(target, self.window - self.max_new_tokens)
-        overhead = self.prompt_tokens(question, "x")
-        budget = limit - overhead
-        chosen, used, dropped = [], 0, 0
-        sep = self.tokens("\n\n")
-        for i, doc in enumerate(list(must) + list(extra)):
-            cost = self.tokens(doc) + sep
-            if used + cost <= budget:
-                chosen.append(doc)
-                used += cost
-            elif i < len(must):
-                dropped += 1
-        if rng is not None:
-            rng.shuffle(chosen)
-        context = "\n\n".join(chosen)
-        # Separators can merge into fewer or more tokens than counted; trim whole
-        # documents until the real prompt fits.
-        while chosen and self.prompt_tokens(question, context) > limit:
-            chosen.pop()
-            dropped += 1
-            context = "\n\n".join(chosen)
-        return context, dropped
-
-
-# ---------------------------------------------------------------- timing
-
-
-class _Clock:
-    """A generate() streamer that only timestamps: put() is called once with the prompt,
-    then once per new token, so the second stamp is the first token."""
-
-    def __init__(self):
-        self.times: list[float] = []
-
-    def put(self, value):
-        self.times.append(time.perf_counter())
-
-    def end(self):
-        pass
-
-
-@dataclass
-class Generation:
-    reply: str
-    prompt_tokens: int
-    new_tokens: int
-    ttft_s: float  # from the question's arrival (retrieval included) to the first new token
-    decode_tps: float  # tokens after the first, per second of decoding; nan under 2 tokens
-    wall_s: float  # from the question's arrival to the last token
-    peak_mib: float | None = None  # CUDA only: peak allocated memory during this call
-
-
-def timed_generate(model, tokenizer, prompt: str, max_new_tokens: int, started: float,
-                   exact_new_tokens: bool = False) -> Generation:
-    import torch
-
-    device = next(model.parameters()).device
-    cuda = device.type == "cuda"
-    if cuda:
-        torch.cuda.reset_peak_memory_stats(device)
-    enc = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).to(device)
-    clock = _Clock()
-    with torch.no_grad():
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, temperature=None, top_p=None,
-                             top_k=None, min_new_tokens=max_new_tokens if exact_new_tokens else 0,
-                             pad_token_id=tokenizer.pad_token_id, streamer=clock)
-    end = time.perf_counter()
-    new = out[0, enc["input_ids"].shape[1]:]
-    stamps = clock.times[1:]
-    ttft = (stamps[0] if stamps else end) - started
-    decode = (len(stamps) - 1) / (stamps[-1] - stamps[0]) if len(stamps) >= 2 and stamps[-1] > stamps[0] else math.nan
-    return Generation(reply=tokenizer.decode(new, skip_special_tokens=True).strip(),
-                      prompt_tokens=int(enc["input_ids"].shape[1]), new_tokens=int(new.shape[0]), ttft_s=ttft,
-                      decode_tps=decode, wall_s=end - started,
-                      peak_mib=torch.cuda.max_memory_allocated(device) / 2**20 if cuda else None)
 
 
 # ---------------------------------------------------------------- models
@@ -334,9 +185,9 @@ class Models:
 
 
 def load_models(config: BenchConfig) -> Models:
-    from .answer import load_with_memory
-    from .base_model import load_model
-    from .lora import merge_factors, read_peft_adapter
+    from fedmem.answer import load_with_memory
+    from fedmem.base_model import load_model
+    from fedmem.lora import merge_factors, read_peft_adapter
 
     # load_with_memory verifies the memory's checksum and base fingerprint first.
     unmerged, tokenizer, base_dir = load_with_memory(config.memory, config.base, config.device)
@@ -373,7 +224,6 @@ class Bench:
     curve: list[dict] = field(default_factory=list)
     peak_rss_mib: dict = field(default_factory=dict)
     batched: dict = field(default_factory=dict)
-    log: object = print
 
     def arm_prompt(self, arm: str, qi: int) -> tuple[str, int]:
         """(prompt, documents dropped) for one arm and question; retrieval runs here,
@@ -419,7 +269,7 @@ class Bench:
         return {"memory_merged": self.models.merged, "memory_unmerged": self.models.unmerged}.get(arm, self.models.base)
 
     def ask(self, arm: str, qi: int, size: str = "", prompt: tuple[str, int] | None = None) -> Call:
-        from .answer import is_correct
+        from fedmem.answer import is_correct
 
         # The clock starts before the prompt is built: for RAG that includes retrieval.
         # Sweep prompts come prebuilt (their assembly is bench bookkeeping, not serving).
@@ -432,13 +282,17 @@ class Bench:
 
     def run_arms(self) -> None:
         n = len(self.inputs.questions)
-        for qi in range(n):
+        for qi in progress(range(n), total=n, desc="arms", unit="q"):
             order = ARMS[qi % len(ARMS):] + ARMS[:qi % len(ARMS)]
             marks = []
             for arm in order:
                 call = self.ask(arm, qi)
                 marks.append(f"{arm}={'ok' if call.correct else '--'} {call.gen.wall_s:.1f}s")
-            self.log(f"  question {qi + 1}/{n}: " + ", ".join(marks))
+            log.debug("question %d/%d: %s", qi + 1, n, ", ".join(marks))
+        for arm in ARMS:
+            calls = [c for c in self.calls if c.arm == arm and not c.size]
+            log.info("  %s: %d/%d correct, %.1fs per question", arm, sum(c.correct for c in calls), len(calls),
+                     sum(c.gen.wall_s for c in calls) / max(1, len(calls)))
 
     def run_throughput(self) -> None:
         """Questions/s when questions arrive together: each arm answers every question in
@@ -448,11 +302,11 @@ class Bench:
         would double the phase)."""
         import torch
 
-        from .answer import is_correct
+        from fedmem.answer import is_correct
 
         tok = self.models.tokenizer
         n = len(self.inputs.questions)
-        for arm in ARMS:
+        for arm in progress(ARMS, total=len(ARMS), desc="throughput", unit="arm"):
             started = time.perf_counter()
             prompts = [self.arm_prompt(arm, qi)[0] for qi in range(n)]  # RAG retrieval is timed
             model = self.model_for(arm)
@@ -468,7 +322,8 @@ class Bench:
                     correct += is_correct(reply, self.inputs.questions[start + j].answer)
             wall = time.perf_counter() - started
             self.batched[arm] = {"questions_per_s": n / wall, "accuracy": correct / n}
-            self.log(f"  {arm}: {n} questions in {wall:.1f}s ({n / wall:.3f} questions/s), {correct}/{n} correct")
+            log.info("  %s: %d questions in %.1fs (%.3f questions/s), %d/%d correct", arm, n, wall, n / wall,
+                     correct, n)
 
     def sweep_sizes(self) -> list:
         window = self.models.window
@@ -486,16 +341,18 @@ class Bench:
         the same momentary load."""
         n = len(self.inputs.questions)
         subset = self.sweep_subset()
-        for size in self.sweep_sizes():
-            if size == "all":
-                continue
-            idx = range(n) if size == "owner" else subset
-            for qi in idx:
-                if size != "owner":
-                    self.ask("memory_merged", qi, size=str(size))
-                call = self.ask("full_context", qi, size=str(size), prompt=self.sized_prompt(qi, size))
-                self.log(f"  context {size}: question {qi + 1}: {call.gen.prompt_tokens} prompt tokens, "
-                         f"{'ok' if call.correct else '--'}, {call.gen.wall_s:.1f}s")
+        asks = [(size, qi) for size in self.sweep_sizes() if size != "all"
+                for qi in (range(n) if size == "owner" else subset)]
+        for size, qi in progress(asks, total=len(asks), desc="context sweep", unit="q"):
+            if size != "owner":
+                self.ask("memory_merged", qi, size=str(size))
+            call = self.ask("full_context", qi, size=str(size), prompt=self.sized_prompt(qi, size))
+            log.debug("context %s: question %d: %d prompt tokens, %s, %.1fs", size, qi + 1, call.gen.prompt_tokens,
+                      "ok" if call.correct else "--", call.gen.wall_s)
+        for size in dict.fromkeys(size for size, _ in asks):
+            calls = [c for c in self.calls if c.arm == "full_context" and c.size == str(size)]
+            log.info("  context %s: %d questions, %.0f prompt tokens (mean), %d correct", size, len(calls),
+                     statistics.mean(c.gen.prompt_tokens for c in calls), sum(c.correct for c in calls))
 
     def sweep_subset(self) -> list[int]:
         n = len(self.inputs.questions)
@@ -526,7 +383,7 @@ class Bench:
             body = body + "\n\n" + body
         ids = tok(body, add_special_tokens=False)["input_ids"]
         overhead = self.builder.prompt_tokens(q, "x")
-        for n in lengths:
+        for n in progress(lengths, total=len(lengths), desc="speed curve", unit="length"):
             context = tok.decode(ids[:max(1, n - overhead)])
             prompt = prompt_text(tok, q, context)
             # Decoding text back can re-tokenise a little longer; trim until it fits.
@@ -537,8 +394,8 @@ class Bench:
                                  exact_new_tokens=True)
             self.curve.append({"prompt_tokens": gen.prompt_tokens, "ttft_s": gen.ttft_s, "decode_tps": gen.decode_tps,
                                "new_tokens": gen.new_tokens})
-            self.log(f"  curve: {gen.prompt_tokens} prompt tokens: first token {gen.ttft_s:.2f}s, "
-                     f"decode {gen.decode_tps:.1f} tok/s")
+            log.info("  %d prompt tokens: first token %.2fs, decode %.1f tok/s", gen.prompt_tokens, gen.ttft_s,
+                     gen.decode_tps)
 
     def run_peak_memory(self) -> None:
         """CPU: each arm in a fresh process, reporting its own RSS high-water mark
@@ -551,7 +408,7 @@ class Bench:
                 self.peak_rss_mib[arm] = max(peaks) if peaks else None
             return
         q0 = 0
-        for arm in ARMS:
+        for arm in progress(ARMS, total=len(ARMS), desc="peak memory", unit="arm"):
             spec = {"arm": arm, "base_dir": self.models.base_dir, "memory": str(self.config.memory),
                     "prompt": self.arm_prompt(arm, q0)[0] if arm != "rag" else None,
                     "question": self.inputs.questions[q0].question, "data": str(self.config.data),
@@ -560,23 +417,24 @@ class Bench:
             with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as fh:
                 json.dump(spec, fh)
             try:
-                proc = subprocess.run([sys.executable, "-m", "fedmem.answer_bench", "--peak-memory-worker", fh.name],
+                proc = subprocess.run([sys.executable, "-m", "fedmem.bench.answer", "--peak-memory-worker", fh.name],
                                       capture_output=True, text=True, timeout=3600)
             finally:
                 os.unlink(fh.name)
             if proc.returncode != 0:
                 raise RuntimeError(f"peak-memory worker for {arm} failed:\n{proc.stderr[-2000:]}")
             self.peak_rss_mib[arm] = json.loads(proc.stdout.strip().splitlines()[-1])["peak_rss_mib"]
-            self.log(f"  peak memory {arm}: {self.peak_rss_mib[arm]:.0f} MiB RSS")
+            log.info("  %s: %.0f MiB RSS", arm, self.peak_rss_mib[arm])
 
 
 def _peak_memory_worker(spec_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     import torch
 
-    from .base_model import load_model, load_tokenizer, quiet_libraries
+    from fedmem.base_model import load_model, load_tokenizer
+    from fedmem.log import setup_logging
 
-    quiet_libraries()
+    setup_logging(-1)  # stdout carries the result; warnings and errors go to stderr
     if spec["threads"]:
         torch.set_num_threads(spec["threads"])
     tok = load_tokenizer(spec["base_dir"])
@@ -588,13 +446,14 @@ def _peak_memory_worker(spec_path: str) -> None:
     else:
         model = load_model(spec["base_dir"])
         if arm == "memory_merged":
-            from .lora import merge_factors, read_peft_adapter
+            from fedmem.lora import merge_factors, read_peft_adapter
 
             merge_factors(model, read_peft_adapter(spec["memory"]))
     prompt = spec["prompt"]
     if arm == "rag":
         # A RAG server holds the encoder and the whole index as well as the model.
-        from .corpus import load_corpus
+        from fedmem.corpus import load_corpus
+
         from .retrieval import Embedder, Index, chunk_corpus
 
         data = Path(spec["data"])
@@ -605,23 +464,7 @@ def _peak_memory_worker(spec_path: str) -> None:
         prompt = prompt_text(tok, spec["question"], "\n\n".join(c.text for c, _ in hits))
     model.eval()
     timed_generate(model, tok, prompt, spec["max_new_tokens"], time.perf_counter())
-    print(json.dumps({"peak_rss_mib": _peak_rss_mib()}))
-
-
-def _peak_rss_mib() -> float:
-    """This process's resident-set high-water mark. VmHWM, not ru_maxrss: Linux carries
-    ru_maxrss across fork+exec, so a worker started by a big parent would report the
-    parent's peak (seen here: every arm read the bench process's 2.9 GB)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / (1024 if sys.platform != "darwin" else 2**20)
-
-
-# ---------------------------------------------------------------- summaries
+    print(json.dumps({"peak_rss_mib": peak_rss_mib()}))
 
 
 def _median(xs):
@@ -654,7 +497,8 @@ def summarise(bench: Bench) -> dict:
     sweep = []
     full_all = [c for c in bench.calls if c.arm == "full_context" and not c.size]
     for size in bench.sweep_sizes():
-        calls = full_all if size == "all" else [c for c in bench.calls if c.arm == "full_context" and c.size == str(size)]
+        calls = full_all if size == "all" else [c for c in bench.calls
+                                                if c.arm == "full_context" and c.size == str(size)]
         if not calls:
             continue
         qs = {c.question for c in calls}
@@ -712,152 +556,40 @@ def _threads() -> int:
     return torch.get_num_threads()
 
 
-def _fmt(x, spec: str, none: str = "–") -> str:
-    if x is None or (isinstance(x, float) and math.isnan(x)):
-        return none
-    return format(x, spec)
-
-
-def table_markdown(summary: dict) -> str:
-    lines = ["| arm | accuracy | prompt tokens | time to first token (s, median) | decode tok/s (median) "
-             f"| questions/s (batch 1) | questions/s (batch {summary['batch_size']}) | peak memory (MiB RSS) "
-             "| the serving machine holds |",
-             "|---|---|---|---|---|---|---|---|---|"]
-    for arm, r in summary["arms"].items():
-        lines.append(f"| {r['label']} | {r['accuracy']:.0%} ({round(r['accuracy'] * r['questions'])}/{r['questions']}) "
-                     f"| {r['prompt_tokens']:.0f} | {_fmt(r['ttft_s'], '.3f')} | {_fmt(r['decode_tps'], '.1f')} "
-                     f"| {r['questions_per_s']:.3f} | {_fmt(r['questions_per_s_batched'], '.3f')} "
-                     f"| {_fmt(r['peak_memory_mib'], '.0f')} | {r['needs']} |")
-    if summary["sweep"]:
-        lines += ["", "Full context as the corpus grows (distractors: the other owners' notes, then generated "
-                  "fictional organisations):", "",
-                  "| context | prompt tokens (mean) | questions | accuracy | time to first token (s) | decode tok/s "
-                  "| questions/s | merged memory questions/s, same questions | memory speed-up |",
-                  "|---|---|---|---|---|---|---|---|---|"]
-        for s in summary["sweep"]:
-            lines.append(f"| {s['size']} | {s['prompt_tokens']:.0f} | {s['questions']} | {s['accuracy']:.0%} "
-                         f"| {_fmt(s['ttft_s'], '.2f')} | {_fmt(s['decode_tps'], '.1f')} | {s['questions_per_s']:.3f} "
-                         f"| {_fmt(s['memory_questions_per_s'], '.3f')} | {_fmt(s['memory_speedup'], '.1f')}× |")
-    if summary["curve"]:
-        lines += ["", "Base model speed against prompt length (fixed new tokens):", "",
-                  "| prompt tokens | time to first token (s) | decode tok/s |", "|---|---|---|"]
-        for p in summary["curve"]:
-            lines.append(f"| {p['prompt_tokens']} | {p['ttft_s']:.2f} | {_fmt(p['decode_tps'], '.1f')} |")
-    t = summary["targets"]
-    if t:
-        yes = {True: "met", False: "**not met**"}
-        lines += ["", "Targets:", "",
-                  f"- memory accuracy ≥ RAG: {yes[t['memory_accuracy_ge_rag']]}",
-                  f"- memory accuracy ≥ full context: {yes[t['memory_accuracy_ge_full_context']]}",
-                  f"- questions/s ≥ 3× RAG, batch 1: {t['speedup_vs_rag']:.2f}× — {yes[t['speedup_vs_rag_ge_3']]}"]
-        if "speedup_vs_rag_batched" in t:
-            lines.append(f"- questions/s ≥ 3× RAG, batch {summary['batch_size']}: {t['speedup_vs_rag_batched']:.2f}× — "
-                         f"{yes[t['speedup_vs_rag_batched_ge_3']]} (full context, all corpora: "
-                         f"{t['speedup_vs_full_context_batched']:.1f}×)")
-        if "speedup_vs_full_context_at_largest" in t:
-            lines.append(f"- questions/s ≥ 10× full context at the largest corpus that fits "
-                         f"({t['largest_context']}, {t['largest_context_prompt_tokens']:.0f} prompt tokens): "
-                         f"{_fmt(t['speedup_vs_full_context_at_largest'], '.1f')}× at batch 1 — "
-                         f"{yes[bool(t['speedup_vs_full_context_ge_10'])]}")
-    return "\n".join(lines) + "\n"
-
-
-def plot(summary: dict, out: Path) -> list[Path]:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from .report import save_png
-
-    written = []
-    if summary["curve"]:
-        fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
-        xs = [p["prompt_tokens"] for p in summary["curve"]]
-        a1.plot(xs, [p["ttft_s"] for p in summary["curve"]], "o-", color="black", label="base model")
-        a2.plot(xs, [p["decode_tps"] for p in summary["curve"]], "o-", color="black", label="base model")
-        sweep = [c for c in summary["calls"] if c["size"] and c["arm"] == "full_context"]
-        if sweep:  # every full-context call of the sweep, up to the window
-            a1.scatter([c["prompt_tokens"] for c in sweep], [c["ttft_s"] for c in sweep], marker="x", color="grey",
-                       label="full-context sweep calls")
-            a2.scatter([c["prompt_tokens"] for c in sweep], [c["decode_tps"] for c in sweep], marker="x",
-                       color="grey", label="full-context sweep calls")
-        for arm, r in summary["arms"].items():
-            a1.scatter([r["prompt_tokens"]], [r["ttft_s"]], label=r["label"], zorder=3)
-            a2.scatter([r["prompt_tokens"]], [r["decode_tps"]], label=r["label"], zorder=3)
-        for ax, title in ((a1, "time to first token (s)"), (a2, "decode tokens/s")):
-            ax.set_xscale("log", base=2)
-            ax.set_xlabel("prompt tokens")
-            ax.set_title(title)
-            ax.grid(alpha=0.3)
-        a1.set_yscale("log")
-        handles, labels = a2.get_legend_handles_labels()
-        fig.legend(handles, labels, loc="lower center", ncol=4, fontsize=7, frameon=False)
-        fig.tight_layout(rect=(0, 0.12, 1, 1))
-        written.append(save_png(fig, out / "latency.png"))
-        plt.close(fig)
-    if summary["sweep"]:
-        fig, ax = plt.subplots(figsize=(6, 4))
-        xs = [s["prompt_tokens"] for s in summary["sweep"]]
-        ax.plot(xs, [s["accuracy"] for s in summary["sweep"]], "o-", color="black", label="full context")
-        for s in summary["sweep"]:
-            ax.annotate(f"{s['size']} (n={s['questions']})", (s["prompt_tokens"], s["accuracy"]), fontsize=7,
-                        textcoords="offset points", xytext=(4, 4))
-        for arm in ("memory_merged", "rag"):
-            if arm in summary["arms"]:
-                r = summary["arms"][arm]
-                ax.axhline(r["accuracy"], linestyle="--", color="C0" if arm == "memory_merged" else "C1",
-                           label=f"{r['label']} ({r['prompt_tokens']:.0f} prompt tokens)")
-        ax.set_xscale("log", base=2)
-        ax.set_ylim(-0.02, 1.02)
-        ax.set_xlabel("prompt tokens (corpus in the prompt)")
-        ax.set_ylabel("accuracy")
-        ax.legend(fontsize=7)
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        written.append(save_png(fig, out / "context.png"))
-        plt.close(fig)
-    return written
-
-
-def write_outputs(summary: dict, out: Path) -> list[Path]:
-    from .report import write_report
-
-    return write_report(summary, out, table_markdown, plot)
-
-
 # ---------------------------------------------------------------- entry points
 
 
-def run(config: BenchConfig, log=print) -> dict:
+def run(config: BenchConfig) -> dict:
+    """Every phase of the benchmark; the summary ``answer_report`` writes out."""
     import torch
 
-    from .corpus import CorpusError
+    from fedmem.corpus import CorpusError
+
     from .retrieval import Embedder, Index, chunk_corpus
 
     inputs = load_inputs(config)  # every input is checked before anything heavy happens
     if config.threads:
         torch.set_num_threads(config.threads)
     started = time.perf_counter()
-    log(f"fedmem bench answer: {len(inputs.questions)} questions, {len(inputs.corpora)} corpora, "
-        f"memory {config.memory}, {torch.get_num_threads()} threads on {config.device}")
+    log.info("fedmem bench answer: %d questions, %d corpora, memory %s, %d threads on %s", len(inputs.questions),
+             len(inputs.corpora), config.memory, torch.get_num_threads(), config.device)
     models = load_models(config)
     chunks = [c for corpus in inputs.corpora for c in chunk_corpus(corpus, config.chunk_words)]
     if not chunks:
         raise CorpusError(Path(config.data), ["no text to retrieve from"])
     index = Index(chunks, Embedder(device=config.device))
     bench = Bench(config, inputs, models, ContextBuilder(models.tokenizer, models.window, config.max_new_tokens),
-                  index, log=log)
-    log(f"arms, interleaved per question ({len(chunks)} chunks indexed, window {models.window} tokens):")
+                  index)
+    log.info("arms, interleaved per question (%d chunks indexed, window %d tokens):", len(chunks), models.window)
     bench.run_arms()
-    log(f"throughput, batches of up to {config.batch_size}:")
+    log.info("throughput, batches of up to %d:", config.batch_size)
     bench.run_throughput()
-    log("full context vs corpus size:")
+    log.info("full context vs corpus size:")
     bench.run_sweep()
-    log("speed vs prompt length:")
+    log.info("speed vs prompt length:")
     bench.run_curve()
     if config.peak_memory:
-        log("peak memory per arm:")
+        log.info("peak memory per arm:")
         bench.run_peak_memory()
     summary = summarise(bench)
     summary["wall_s"] = time.perf_counter() - started
@@ -904,10 +636,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--questions-per-owner", type=int, default=d.questions_per_owner,
                    help="ask this many questions per owner, alternating qa/prose facts (default %(default)s; 0: all)")
     p.add_argument("--top-k", type=int, default=d.top_k, help="RAG: chunks put in the prompt (default %(default)s)")
-    p.add_argument("--chunk-words", type=int, default=d.chunk_words, help="RAG: words per chunk at most (default %(default)s)")
-    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens, help="answer length cap (default %(default)s)")
+    p.add_argument("--chunk-words", type=int, default=d.chunk_words,
+                   help="RAG: words per chunk at most (default %(default)s)")
+    p.add_argument("--max-new-tokens", type=int, default=d.max_new_tokens,
+                   help="answer length cap (default %(default)s)")
     p.add_argument("--sizes", type=_sizes, default=d.sweep_sizes,
-                   help="full-context corpus sizes: owner, all, window or prompt-token counts (default: owner,all,window)")
+                   help="full-context corpus sizes: owner, all, window or prompt-token counts "
+                        "(default: owner,all,window)")
     p.add_argument("--sweep-questions", type=int, default=d.sweep_questions,
                    help="questions asked at sizes beyond 'all', spread over owners (default %(default)s; 0: all)")
     p.add_argument("--curve", type=_lengths, default=d.curve_lengths,
@@ -923,7 +658,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def config_from_args(args) -> BenchConfig:
     config = BenchConfig(memory=args.memory, data=args.data, questions=args.questions, base=args.base,
                          device=args.device,
-                         questions_per_owner=None if args.questions_per_owner == 0 else args.questions_per_owner, top_k=args.top_k,
+                         questions_per_owner=None if args.questions_per_owner == 0 else args.questions_per_owner,
+                         top_k=args.top_k,
                          chunk_words=args.chunk_words, max_new_tokens=args.max_new_tokens, sweep_sizes=args.sizes,
                          sweep_questions=args.sweep_questions, curve_lengths=args.curve, batch_size=args.batch_size,
                          peak_memory=not args.no_peak_memory, threads=args.threads)
@@ -934,18 +670,12 @@ def config_from_args(args) -> BenchConfig:
 
 
 def run_from_args(args) -> int:
-    from .retrieval import RetrievalError
-
-    config = config_from_args(args)
-    try:
-        summary = run(config)
-    except RetrievalError as err:
-        print(f"fedmem: error: {err}", file=sys.stderr)
-        return 2
-    table = table_markdown(summary)
-    print("\n" + table)
+    """``fedmem bench answer``: run, print the table, write the report. Bad input raises
+    (ValueError, CorpusError, MemoryFormatError, RetrievalError) before anything is written."""
+    summary = run(config_from_args(args))
+    sys.stdout.write("\n" + table_markdown(summary))
     written = write_outputs(summary, args.out)
-    print(f"({summary['wall_s']:.0f}s; wrote {', '.join(str(p) for p in written)})")
+    log.info("%.0fs; wrote %s", summary["wall_s"], ", ".join(str(p) for p in written))
     return 0
 
 

@@ -12,13 +12,14 @@ import json
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord
 
-from .aggregate import Factors
+from fedmem.aggregate import Factors
 
 CONFIG_KEY = "config"
 MEMORY_KEY = "memory"
 UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 INFO_KEY = "info"
+MANIFEST_KEY = "manifest"
 
 
 def factors_to_record(factors: Factors | None) -> ArrayRecord:

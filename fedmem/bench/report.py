@@ -27,7 +27,7 @@ def save_png(fig, path: Path) -> Path:
 def write_report(summary: dict, out: Path, table_markdown: Callable[[dict], str],
                  plot: Callable[[dict, Path], list[Path]]) -> list[Path]:
     """OUT/results.json, OUT/table.md and the plots; returns the paths written."""
-    from .memory import atomic_write_text
+    from fedmem.memory import atomic_write_text
 
     out = Path(out)
     atomic_write_text(out / "results.json", json.dumps(summary, indent=1, default=float))

@@ -1,0 +1,1 @@
+"""Benchmarks: ``fedmem bench answer`` and ``fedmem bench quality``. The core never imports this package."""

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from fedmem.cli import verbosity_parent
-from fedmem.config import NodeSettings, add_arguments, from_args
+from fedmem.config import ClientPolicy, NodeSettings, add_arguments, from_args
 from fedmem.log import setup_logging
 
 
@@ -40,8 +40,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--ca", type=Path, required=True, help="the federation's CA certificate (ca.pem from the coordinator)"
     )
     _state_arg(p)
-    # This machine's own device, base model and threads: the coordinator never chooses them.
-    add_arguments(p, NodeSettings)
+    # This machine's own device, base model and threads: the coordinator never chooses them. And the
+    # owner's limits on the training settings the coordinator sends (refused beyond them, never clamped).
+    add_arguments(p, NodeSettings, ClientPolicy)
     p.add_argument("--stay", action="store_true", help="keep running after the final memory arrives")
     p.add_argument(
         "--admission-wait",
@@ -57,6 +58,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="give up after this many seconds without reaching the server (default: keep trying)",
     )
+    p.add_argument(
+        "--coordinator-key",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="the coordinator's memory-signing public key (memory-signing.pub from its state dir): pinned now, "
+        "instead of trusting the signer of the first memory received",
+    )
 
     p = sub.add_parser("key", parents=common, help="print this client's public key")
     _state_arg(p)
@@ -65,6 +74,9 @@ def build_parser() -> argparse.ArgumentParser:
     _state_arg(p)
     p.add_argument("--out", type=Path, default=Path("fedmem-memory"), help="where to put it (default %(default)s)")
     p.add_argument("--base", default=None)
+    p.add_argument("--trust-key", type=Path, action="append", default=[], metavar="FILE",
+                   help="also trust memories signed by this Ed25519 public key (.pub; repeatable); the coordinator "
+                   "key pinned in the state dir is always trusted, and a signature is required once either is set")
     return parser
 
 
@@ -97,6 +109,8 @@ def cmd_join(args) -> int:
             admission_wait=args.admission_wait,
             threads=node.threads or None,
             device=node.device,
+            policy=from_args(ClientPolicy, args),
+            coordinator_key=args.coordinator_key,
         )
     )
 
@@ -111,14 +125,16 @@ def cmd_key(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from .pull import pull
+    from .pull import pull, trust_hint
 
-    manifest = pull(args.state, args.out, args.base)
+    manifest = pull(args.state, args.out, args.base, args.trust_key)
+    signed = f"signed by {manifest['signer']}" if manifest.get("signer") else "unsigned"
     print(
         f"memory of round {manifest.get('round')}/{manifest.get('rounds')} "
-        f"(clients {', '.join(manifest.get('clients', []))}) -> {args.out}"
+        f"(clients {', '.join(manifest.get('clients', []))}, {signed}) -> {args.out}"
     )
-    print(f'try it: fedmem ask --memory {args.out} "your question"')
+    base = f" --base {args.base}" if args.base else ""
+    print(f'try it: fedmem ask --memory {args.out}{base}{trust_hint(args.state)} "your question"')
     return 0
 
 

@@ -6,7 +6,9 @@ client's key pair is made on first use. Then the SuperNode runs until the server
 has sent the finished memory (kept in ``STATE/memory``), or until stopped.
 
 Only LoRA tensors and numbers leave the machine; the corpus is read by the ClientApp
-in a local process and never sent.
+in a local process and never sent. The SuperNode runs only the fedmem ClientApp
+installed here (``clients.supernode.pinned_bin``), and the ClientApp trains only within
+the owner's client policy (``--limit-*``, ``--allow-generator``; ``fedmem.client_policy``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from pathlib import Path
 
 from cryptography import x509
 
+from fedmem.client_policy import policy_node_config
+from fedmem.config import ClientPolicy
 from fedmem.corpus import load_corpus
 
 from .keys import ensure_keys
@@ -53,6 +57,8 @@ class JoinOptions:
     admission_wait: float = 90.0
     threads: int | None = None
     device: str = "auto"  # this owner's own: auto, cpu, cuda or cuda:N (the coordinator never decides it)
+    policy: ClientPolicy | None = None  # this owner's limits on the coordinator's recipe (None: the defaults)
+    coordinator_key: Path | None = None  # the coordinator's memory-signing .pub, pinned before any memory arrives
 
 
 def check_server_address(server: str) -> str:
@@ -91,6 +97,34 @@ def received_round(state: Path) -> tuple[int, int, float]:
         return 0, 0, 0.0
 
 
+def trust_option(state: Path) -> str:
+    """What `fedmem ask` needs to trust this state dir's pinned key: nothing for the default dir."""
+    from fedmem.signing import PINNED_KEY, default_client_state
+
+    pinned = state / PINNED_KEY
+    if not pinned.is_file() or os.path.realpath(state) == os.path.realpath(default_client_state()):
+        return ""
+    return f" --trust-key {pinned}"
+
+
+def pin_memory_key(state: Path, key_file: Path | None) -> str | None:
+    """Pin the coordinator's memory-signing key given with --coordinator-key (an error if another is
+    pinned already), and say which key memories must be signed with; returns its fingerprint."""
+    from fedmem.signing import PINNED_KEY, key_fingerprint, load_public_key, pin_coordinator_key
+
+    if key_file is not None:
+        fp, new = pin_coordinator_key(state, key_file)
+        log.info("coordinator memory-signing key %s %s", fp, "pinned" if new else "(pinned already)")
+        return fp
+    if (state / PINNED_KEY).is_file():
+        fp = key_fingerprint(load_public_key(state / PINNED_KEY))
+        log.info("coordinator memory-signing key %s (pinned in %s)", fp, state / PINNED_KEY)
+        return fp
+    log.info("no coordinator memory-signing key pinned yet: the first memory's signer will be (trust on first "
+             "use); --coordinator-key FILE pins the coordinator's memory-signing.pub beforehand")
+    return None
+
+
 REFUSED = ("Failed to activate SuperNode", "No SuperNode found with the given public key")
 
 
@@ -114,6 +148,7 @@ def join(options: JoinOptions) -> int:
     state.mkdir(parents=True, exist_ok=True)
     os.chmod(state, 0o700)
     keys = ensure_keys(state)
+    pin_memory_key(state, options.coordinator_key)
     log.info("corpus %s: %d documents, %d Q/A records -> %d training examples (the text stays on this machine)",
              corpus.root, len(corpus.documents), len(corpus.qa), len(examples))
     log.info("client key %s%s", keys.fingerprint, " (new)" if keys.created else "")
@@ -122,11 +157,17 @@ def join(options: JoinOptions) -> int:
         log.info("  the coordinator admits it with:")
         log.info("  fedmem-server clients add %s '%s'", corpus.name, keys.public_text)
 
-    # The node config: this machine's own environment, read by the ClientApp.
+    # The node config: this machine's own environment and the owner's policy, read by the ClientApp.
+    policy = options.policy or ClientPolicy()
     values = {"data": str(Path(corpus.root).resolve()), "base": str(base), "state": str(state),
               "device": options.device}
     if options.threads:
         values["threads"] = str(options.threads)
+    values.update(policy_node_config(policy, changed_only=True))  # the ClientApp applies the defaults
+    log.info("client policy: trains at most %s; never a generator path from the server%s",
+             ", ".join(f"{k.removeprefix('limit-')} {v}" for k, v in policy_node_config(policy).items()
+                       if k.startswith("limit-")),
+             "" if policy.allow_generator else ", nor generator=base")
     node_config = write_node_config(state / "node-config.toml", values)
     from fedmem.server.superlink import free_port  # for the SuperNode's loopback Runtime API
 
@@ -220,7 +261,8 @@ def _run_supernode(command, state: Path, name: str, log_path: Path, joined_at: f
                 while sent["at"] < arrived and time.monotonic() < deadline and proc.poll() is None:
                     time.sleep(0.2)
                 log.info("final memory received (round %d/%d): %s", done, total, state / RECEIVED_MEMORY)
-                log.info('use it with: fedmem ask --memory %s "your question"', state / RECEIVED_MEMORY)
+                log.info('use it with: fedmem ask --memory %s%s "your question"', state / RECEIVED_MEMORY,
+                         trust_option(state))
                 return "done", 0
         reader.join(timeout=5)  # the reason it stopped may still be in the pipe
         if refused.is_set():

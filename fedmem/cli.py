@@ -55,10 +55,26 @@ def cmd_simulate(args) -> int:
     return 0
 
 
+def add_trust_arguments(p: argparse.ArgumentParser) -> None:
+    """--trust-key / --require-signature: which memory signatures ask and eval believe."""
+    p.add_argument("--trust-key", type=Path, action="append", default=[], metavar="FILE",
+                   help="trust memories signed by this Ed25519 public key (.pub file; repeatable); also makes "
+                   "a signature required. Trusted as well: $FEDMEM_HOME/trusted-keys/*.pub, the coordinator "
+                   "key a client pinned, the coordinator's own key, your local key (fedmem simulate)")
+    p.add_argument("--require-signature", action="store_true",
+                   help="refuse an unsigned memory even where no key but your local one is trusted")
+
+
+def trust_from_args(args):
+    from .signing import trust_for_user
+
+    return trust_for_user(args.trust_key, args.require_signature)
+
+
 def cmd_ask(args) -> int:
     from .answer import generate_answers, load_with_memory
 
-    model, tok, _ = load_with_memory(args.memory, args.base, args.device)
+    model, tok, _ = load_with_memory(args.memory, args.base, args.device, trust_from_args(args))
     for reply in generate_answers(model, tok, args.question, max_new_tokens=args.max_new_tokens):
         print(reply)
     return 0
@@ -68,7 +84,7 @@ def cmd_eval(args) -> int:
     from .answer import load_questions, load_with_memory, score
 
     questions = load_questions(args.questions)
-    model, tok, _ = load_with_memory(args.memory, args.base, args.device)
+    model, tok, _ = load_with_memory(args.memory, args.base, args.device, trust_from_args(args))
     with_memory = score(model, tok, questions)
     with model.disable_adapter():
         base_only = score(model, tok, questions)
@@ -141,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model directory (default: the one the memory names)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    add_trust_arguments(p)
     p.add_argument("question", nargs="+")
     p.set_defaults(func=cmd_ask)
 
@@ -150,6 +167,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None, help="also write per-question results here")
+    add_trust_arguments(p)
     p.set_defaults(func=cmd_eval)
 
     p = sub.add_parser("bench", add_help=False, help="benchmarks: `fedmem bench answer|quality --help`")

@@ -7,6 +7,8 @@ Three kinds of settings, by who decides them:
 - ``ServerSettings``: how the coordinator runs the rounds (quorum, timeouts, resume).
 - ``NodeSettings``: a machine's own environment (device, base-model directory, threads).
   Each party sets its own; the coordinator never sends them.
+- ``ClientPolicy``: an owner's limits on the recipe it accepts from the coordinator
+  (``fedmem.client_policy`` checks a recipe against them).
 
 Each field's metadata carries its help text and whether it is a user-facing command-line
 flag (``flag``); every other field is an experiment switch, reachable as
@@ -186,15 +188,35 @@ class ServerSettings:
         metavar="SECONDS",
     )
     resume: bool = setting(True, "pick up after the last round checkpoint of an earlier run in the same output")
+    # Update validation (fedmem.validate; docs/security.md, "Updates and identity").
+    max_update_norm: float = setting(
+        0.0,
+        "largest ‖ΔW‖ (Frobenius, all modules together) accepted from one owner; 0 = derived: "
+        "update-norm-factor x the lower median of the updates accepted so far in the run",
+    )
+    update_norm_factor: float = setting(
+        10.0, "how many times the lower median of the accepted updates' ‖ΔW‖ an update may be (max-update-norm 0)"
+    )
+    max_relative_update: float = setting(
+        1.0,
+        "largest ‖ΔW‖ of one module from one owner, as a multiple of the base weight's norm; guards the first "
+        "updates, before there are any to compare with; 0 = off",
+    )
+    clip_updates: bool = setting(
+        False,
+        "parallel rounds, method exact: scale each update down to the round's median ‖ΔW‖ before combining",
+    )
 
     def __post_init__(self):
         problems = _problems_in_fields(self)
         if isinstance(self.min_clients, int) and self.min_clients < 1:
             problems.append(f"min-clients must be at least 1, got {self.min_clients!r}")
-        for name in ("round_timeout", "wait_for_clients", "join_grace"):
+        for name in ("round_timeout", "wait_for_clients", "join_grace", "max_update_norm", "max_relative_update"):
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not value >= 0:
                 problems.append(f"{key_of(name)} must be >= 0, got {value!r}")
+        if isinstance(self.update_norm_factor, (int, float)) and not self.update_norm_factor >= 1:
+            problems.append(f"update-norm-factor must be >= 1, got {self.update_norm_factor!r}")
         _raise(problems)
 
 
@@ -219,6 +241,53 @@ class NodeSettings:
             problems.append(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         if isinstance(self.threads, int) and self.threads < 0:
             problems.append(f"threads must be >= 0, got {self.threads!r}")
+        _raise(problems)
+
+
+def _default_of(cls, name: str):
+    f = cls.__dataclass_fields__[name]
+    return f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+
+
+@dataclass
+class ClientPolicy:
+    """What an owner accepts from the coordinator's recipe (``FederationConfig``): a training
+    setting above its limit is refused, never clamped. The defaults are the recipe's defaults
+    x4 (x10 for the learning rate); the owner sets its own with ``fedmem-client join``."""
+
+    limit_rounds: int = setting(4 * _default_of(FederationConfig, "rounds"),
+                                "most federated rounds this owner trains in", flag=True)
+    limit_epochs: int = setting(4 * _default_of(LoraSettings, "epochs"),
+                                "most epochs per round this owner trains", flag=True)
+    limit_learning_rate: float = setting(round(10 * _default_of(LoraSettings, "learning_rate"), 12),
+                                         "highest learning rate this owner trains with", flag=True, metavar="RATE")
+    limit_rank: int = setting(4 * _default_of(LoraSettings, "rank"), "highest LoRA rank this owner trains")
+    limit_alpha: int = setting(4 * _default_of(LoraSettings, "alpha"), "highest LoRA alpha this owner trains with")
+    limit_batch_size: int = setting(4 * _default_of(LoraSettings, "batch_size"),
+                                    "largest batch (examples per step) this owner trains")
+    limit_max_length: int = setting(4 * _default_of(LoraSettings, "max_length"),
+                                    "longest training example, in tokens, this owner accepts")
+    limit_retention: float = setting(min(1.0, 4 * _default_of(LoraSettings, "retention")),
+                                     "largest share of general retention questions this owner adds")
+    allow_generator: bool = setting(
+        True,
+        "accept generator='base' (questions written by this owner's own base model; slower training). A "
+        "generator path is never accepted from the coordinator: it would name a model directory to load here",
+        flag=True,
+        metavar="yes|no",
+    )
+
+    def __post_init__(self):
+        problems = _problems_in_fields(self)
+        for name in ("limit_rounds", "limit_epochs", "limit_rank", "limit_alpha", "limit_batch_size",
+                     "limit_max_length"):
+            value = getattr(self, name)
+            if isinstance(value, int) and not isinstance(value, bool) and value < 1:
+                problems.append(f"{key_of(name)} must be at least 1, got {value!r}")
+        if isinstance(self.limit_learning_rate, (int, float)) and not self.limit_learning_rate > 0:
+            problems.append(f"limit-learning-rate must be > 0, got {self.limit_learning_rate!r}")
+        if isinstance(self.limit_retention, (int, float)) and not 0 <= self.limit_retention <= 1:
+            problems.append(f"limit-retention must be a share between 0 and 1, got {self.limit_retention!r}")
         _raise(problems)
 
 
@@ -380,4 +449,4 @@ def from_args(cls, args: argparse.Namespace, fixed: dict | None = None):
     return from_flat(cls, values)
 
 
-_ALL_CLASSES = (FederationConfig, ServerSettings, NodeSettings)
+_ALL_CLASSES = (FederationConfig, ServerSettings, NodeSettings, ClientPolicy)

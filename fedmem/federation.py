@@ -9,10 +9,10 @@ Two schedules:
   the memory as the previous owner left it, and the server adds that owner's update in
   full before sending the memory on (cyclic weight transfer). Every update is fitted to a
   memory that already holds the others' facts, so owners do not undo each other.
-- ``parallel``: every owner trains on the same memory and the server adds the weighted
-  sum of their updates (FedAvg's round). Faster in wall clock with many owners, but the
-  owners' updates interfere: on the demo 50% against 92% from the same fresh clone
-  (docs/results.md).
+- ``parallel``: every owner trains on the same memory and the server adds the mean
+  of their updates (FedAvg's round, each accepted owner weighted alike). Faster in
+  wall clock with many owners, but the owners' updates interfere: on the demo 50%
+  against 92% from the same fresh clone (docs/results.md).
 
 Two methods:
 - ``exact`` (default): the memory is the cumulative ΔW in factored form, of the owners'
@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, normalised
+from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, update_norm
 from .base_model import fingerprint, load_model, load_tokenizer
 from .config import FederationConfig
 from .corpus import Corpus
@@ -43,6 +43,7 @@ from .lora import attach_lora, extract_factors, load_factors
 from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
 from .train import train_lora
+from .validate import clip_scales
 
 log = logging.getLogger(__name__)
 
@@ -123,17 +124,28 @@ def client_update(
     )
 
 
-def server_aggregate(
-    memory: Factors | None, updates: list[Factors], sizes: list[float], config: FederationConfig
-) -> Aggregate:
-    """Fold the clients' updates into the memory with the configured method: FedAvg's
-    weights pₖ = nₖ/Σn, the memory keeping the owners' rank."""
+def server_aggregate(memory: Factors | None, updates: list[Factors], config: FederationConfig,
+                     clip: bool = False) -> Aggregate:
+    """Fold the owners' updates into the memory with the configured method, the memory
+    keeping the owners' rank.
+
+    The weights are the server's, from what it can check: every accepted update counts the
+    same, 1/K of K (a cyclic step folds in one update: weight 1). What a client says about
+    itself (its example count) decides nothing: a self-reported 10¹² would take all the
+    weight of a FedAvg mean. ``clip`` (method exact, several updates): each update is also
+    scaled down to the median ‖ΔW‖ of the updates folded in together (``clip_scales``).
+    """
+    if not updates:
+        raise ValueError("no client updates to aggregate")
+    weights = [1.0 / len(updates)] * len(updates)
     if config.method == "fedit":
-        return aggregate_fedit(updates, sizes)
-    return aggregate_exact(memory, updates, normalised(sizes), config.lora.rank)
+        return aggregate_fedit(updates, weights)
+    if clip and len(updates) > 1:
+        weights = [w * s for w, s in zip(weights, clip_scales([update_norm(u) for u in updates]))]
+    return aggregate_exact(memory, updates, weights, config.lora.rank)
 
 
-Update = tuple[Factors, float, object]  # (factors, size for the weights, what the caller wants back)
+Update = tuple[Factors, object]  # (factors, what the caller wants back)
 
 
 def run_round(
@@ -142,36 +154,38 @@ def run_round(
     owners: list,
     memory: Factors | None,
     train: Callable[[list, Factors | None, tuple[float, float]], list[Update]],
+    clip: bool = False,
 ) -> tuple[Aggregate | None, list]:
     """One round under the configured schedule, whatever carries the messages.
 
     ``train(owners, memory, span)`` has those owners train on ``memory`` and returns one
-    ``Update`` per usable reply. Cyclic: one owner at a time, in the order given, each
+    ``Update`` per accepted reply. Cyclic: one owner at a time, in the order given, each
     update folded in before the next owner trains. Parallel: every owner on the same
-    memory, folded in together. Returns the round's aggregate (the last memory and each
-    module's worst truncation error on the way; None if no update was usable) and the
-    third items of the updates, in the order they were folded in.
+    memory, folded in together (``clip``: norm-clipped, ``server_aggregate``). Returns the
+    round's aggregate (the last memory, each module's worst truncation error on the way,
+    and the weight of every update in the order folded in; None if no update was
+    accepted) and the second items of the updates, in that order.
     """
     steps: list[Aggregate] = []
     done: list = []
     if config.schedule == "cyclic":
         for visit, owner in enumerate(owners):
-            for factors, size, extra in train([owner], memory, training_span(config, server_round, visit, len(owners))):
-                steps.append(server_aggregate(memory, [factors], [size], config))
+            for factors, extra in train([owner], memory, training_span(config, server_round, visit, len(owners))):
+                steps.append(server_aggregate(memory, [factors], config))
                 memory = steps[-1].factors
                 done.append(extra)
     else:
         updates = train(owners, memory, training_span(config, server_round))
         if updates:
-            steps.append(server_aggregate(memory, [u[0] for u in updates], [u[1] for u in updates], config))
-            done = [u[2] for u in updates]
+            steps.append(server_aggregate(memory, [u[0] for u in updates], config, clip=clip))
+            done = [u[1] for u in updates]
     if not steps:
         return None, done
     errors: dict[str, float] = {}
     for step in steps:
         for name, e in step.truncation_error.items():
             errors[name] = max(errors.get(name, 0.0), e)
-    return Aggregate(steps[-1].factors, errors), done
+    return Aggregate(steps[-1].factors, errors, [w for step in steps for w in step.weights]), done
 
 
 def federate_in_process(
@@ -195,7 +209,7 @@ def federate_in_process(
             for corpus in owners:
                 with log_context(f"{corpus.name} round {rnd}/{config.rounds}"):
                     r = client_update(base_dir, corpus, memory, config, rnd, device, span)
-                updates.append((r.factors, r.metrics["examples"], r))
+                updates.append((r.factors, r))
             return updates
 
         agg, results = run_round(config, rnd, corpora, memory, train)

@@ -12,7 +12,6 @@ import contextlib
 import contextvars
 import logging
 import sys
-import warnings
 
 from tqdm import tqdm
 
@@ -55,7 +54,7 @@ class _Formatter(logging.Formatter):
 def setup_logging(verbosity: int = 0, stream=None, prefix: str = "") -> None:
     """Log fedmem's messages to ``stream`` (stderr): INFO by default, DEBUG with -v, WARNING with -q.
 
-    Library warnings go through the same log, each shown once rather than silenced.
+    Library warnings go through the same log, each shown once per place rather than silenced.
     Idempotent: a second call replaces the first one's handler.
     """
     level = logging.INFO - 10 * verbosity
@@ -75,7 +74,9 @@ def setup_logging(verbosity: int = 0, stream=None, prefix: str = "") -> None:
         logger.addHandler(handler)
         logger.setLevel(logger_level)
         logger.propagate = False
-    warnings.simplefilter("once")
+    # Python's own filters stay: each warning meant for users (UserWarning, FutureWarning, ...)
+    # is shown once per place it comes from; the categories meant for developers
+    # (DeprecationWarning outside __main__, ResourceWarning) stay off, as in any Python program.
     quiet_library_progress()
 
 

@@ -6,6 +6,10 @@ down. Flower enforces it: SuperLink runs with ``--enable-supernode-auth`` and on
 keys registered with ``flwr supernode register`` may activate a SuperNode.
 ``sync`` makes the SuperLink's registrations match the file, on start and after
 every change while it runs.
+
+It is also who the owners are: the ServerApp maps each reply's node id to the name
+and key fingerprint recorded here (``owners_by_node``), never to a name the client
+sends.
 """
 
 from __future__ import annotations
@@ -30,25 +34,51 @@ class AdmissionError(ValueError):
     pass
 
 
-def _path(state: Path) -> Path:
+def allow_list_path(state: Path) -> Path:
     return Path(state) / ALLOW_LIST
 
 
-def _load_all(state: Path) -> dict:
-    path = _path(state)
+def _path(state: Path) -> Path:
+    return allow_list_path(state)
+
+
+def read_allow_list(path: Path) -> dict:
+    """The allow-list file as stored: {"clients": {name: entry}, "removed": {fingerprint: name}}."""
+    path = Path(path)
     if not path.is_file():
         return {"clients": {}, "removed": {}}
     try:
         data = json.loads(path.read_text())
-        data["clients"]
+        if not isinstance(data, dict) or not isinstance(data["clients"], dict):
+            raise ValueError("no clients table")
     except (ValueError, KeyError) as err:
         raise AdmissionError(f"{path}: corrupt allow-list ({err})") from err
     data.setdefault("removed", {})
     return data
 
 
+def _load_all(state: Path) -> dict:
+    return read_allow_list(_path(state))
+
+
 def load(state: Path) -> dict[str, dict]:
     return _load_all(state)["clients"]
+
+
+def owners_by_node(clients: dict[str, dict]) -> dict[int, tuple[str, str]]:
+    """node id -> (admitted name, key fingerprint), for every admitted client the SuperLink
+    has registered. A node id recorded for two names (a hand-edited file) maps to neither."""
+    seen: dict[int, list[tuple[str, str]]] = {}
+    for name, entry in clients.items():
+        node_id = entry.get("node_id") if isinstance(entry, dict) else None
+        if node_id is None or not NAME.fullmatch(str(name)):
+            continue
+        try:
+            key = int(node_id)
+        except (TypeError, ValueError):
+            continue
+        seen.setdefault(key, []).append((str(name), str(entry.get("fingerprint", ""))))
+    return {node: found[0] for node, found in seen.items() if len(found) == 1}
 
 
 def _save(state: Path, clients: dict[str, dict], removed: dict[str, str] | None = None) -> None:
@@ -61,7 +91,7 @@ def add(state: Path, name: str, public_key: str) -> dict:
     """Admit a client. ``public_key`` is the OpenSSH line or a path to a ``.pub`` file."""
     from fedmem.clients.keys import parse_public_key
 
-    if not NAME.match(name):
+    if not NAME.fullmatch(name):
         raise AdmissionError(f"client name {name!r}: use letters, digits, '.', '_' or '-' (at most 64)")
     text = public_key
     if not public_key.strip().startswith("ecdsa-") and Path(public_key).expanduser().is_file():

@@ -5,6 +5,8 @@ Everything the coordinator keeps is in one state dir:
     certs/            the federation's CA (ca.pem is what owners need) and the TLS certificate
     superlink.db      Flower's persistent state: admitted nodes, runs
     clients.json      the allow-list (fedmem.server.admission)
+    memory-signing.key  the key every memory version is signed with (fedmem.signing); owners pin
+                      memory-signing.pub, beside it (kept outside run/, so --fresh keeps it)
     flwr/             FLWR_HOME for the `flwr` CLI calls made on the coordinator's behalf
     app/              the app project `flwr run` bundles (fedmem.flower.app_project)
     run/              the run's output: rounds/round-NNN, metrics.jsonl, memory/
@@ -29,6 +31,7 @@ from pathlib import Path
 from fedmem.flower.app_project import RUN_CONFIG_DEFAULTS, toml_value, write_app_project
 from fedmem.flower.executables import tool, tools_env
 from fedmem.memory import atomic_write_text
+from fedmem.signing import COORDINATOR_KEY, ensure_signing_key, key_fingerprint, load_public_key, public_key_path
 
 from . import admission
 from .certificates import Certificates, ensure_certificates
@@ -67,6 +70,8 @@ class StatePaths:
     def superlink_log(self) -> Path: return self.root / "logs" / "superlink.log"
     @property
     def run_config(self) -> Path: return self.root / "run-config.toml"
+    @property
+    def signing_key(self) -> Path: return self.root / COORDINATOR_KEY
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -118,8 +123,16 @@ class StartOptions:
     run_config: dict = field(default_factory=dict)
 
 
-def join_instructions(certs: Certificates, host: str, port: int) -> str:
+def join_instructions(certs: Certificates, host: str, port: int, signing_key: Path | None = None) -> str:
     shown = host if host not in ("0.0.0.0", "::", "") else "<this machine's name or IP>"
+    signing = []
+    if signing_key is not None:
+        pub = public_key_path(signing_key)
+        signing = [
+            f"memories are signed with the key {key_fingerprint(load_public_key(pub))}: owners pin it on the first",
+            f"  memory they receive; to pin it beforehand, give them {pub} and add",
+            "  --coordinator-key memory-signing.pub to their join",
+        ]
     return "\n".join([
         "clients join with:",
         f"  fedmem-client join --server {shown}:{port} --ca {certs.ca_cert} --data DIR",
@@ -128,6 +141,7 @@ def join_instructions(certs: Certificates, host: str, port: int) -> str:
         f"  certificate valid for: {', '.join(certs.hosts)}",
         "admit each owner's key (printed by their first join) with:",
         "  fedmem-server clients add NAME 'ecdsa-sha2-nistp384 AAAA...'",
+        *signing,
     ])
 
 
@@ -164,8 +178,12 @@ def start(options: StartOptions) -> int:
     if host not in ("0.0.0.0", "::", ""):
         hosts.append(host)
     certs = ensure_certificates(paths.certs, hosts)
+    ensure_signing_key(paths.signing_key, "fedmem coordinator memory signing")
 
-    run_config = {**options.run_config, "out": str(paths.run)}
+    # The ServerApp runs on this machine: it reads the allow-list to know who each node is, and signs
+    # every memory version with the state dir's key.
+    run_config = {**options.run_config, "out": str(paths.run), "allow-list": str(admission.allow_list_path(paths.root)),
+                  "signing-key": str(paths.signing_key)}
     unknown = sorted(set(run_config) - set(RUN_CONFIG_DEFAULTS))
     if unknown:
         raise ValueError(f"unknown run settings: {', '.join(unknown)}")
@@ -197,7 +215,7 @@ def start(options: StartOptions) -> int:
         front = FrontDoor(host, port, internal_port, certs, admitted)
         front.start()
         log.info("fedmem server listening on %s:%s (TLS, admitted clients only); state in %s", host, port, paths.root)
-        log.info("%s", join_instructions(certs, host, port))
+        log.info("%s", join_instructions(certs, host, port, paths.signing_key))
 
         stale = read_info(paths.root).get("run_id")
         if stale:  # the run a killed server left "running" in Flower's database; this start replaces it

@@ -3,9 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
+
+# A developer's own owner or coordinator state (a pinned coordinator key, say) must not change
+# what the tests see: the default state dirs point into a scratch dir, for subprocesses too.
+_SCRATCH_STATE = tempfile.mkdtemp(prefix="fedmem-test-state-")
+os.environ["FEDMEM_CLIENT_STATE"] = os.path.join(_SCRATCH_STATE, "client")
+os.environ["FEDMEM_SERVER_STATE"] = os.path.join(_SCRATCH_STATE, "server")
 
 
 @pytest.fixture(scope="session")

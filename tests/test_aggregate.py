@@ -5,7 +5,16 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fedmem.aggregate import aggregate_exact, aggregate_fedit, dense, fedit_error, low_rank_sum, normalised
+from fedmem.aggregate import (
+    aggregate_exact,
+    aggregate_fedit,
+    dense,
+    fedit_error,
+    low_rank_sum,
+    normalised,
+    product_norm,
+    update_norm,
+)
 
 
 def _factors(seed, d_out, d_in, r, scale=1.0):
@@ -109,3 +118,23 @@ def test_float32_factors_come_back_float32():
     agg = aggregate_exact(None, [{"m": (B, A)}], [1.0], rank=3)
     assert agg.factors["m"][0].dtype == torch.float32
     assert torch.allclose(dense(*agg.factors["m"]), dense(B, A), atol=1e-4)
+
+
+@settings(max_examples=40, deadline=None)
+@given(shape=shapes, rank=st.integers(1, 6), seed=st.integers(0, 10_000), scale=st.sampled_from([1e-3, 1.0, 1e6]))
+def test_norm_in_factored_form_is_the_dense_norm(shape, rank, seed, scale):
+    d_out, d_in = shape
+    B, A = _factors(seed, d_out, d_in, rank, scale)
+    assert product_norm(B, A) == pytest.approx(float(torch.linalg.norm(dense(B, A))), rel=1e-9, abs=1e-12)
+    other = _factors(seed + 1, d_in, d_out, rank)
+    both = {"a": (B, A), "b": other}
+    assert update_norm(both) == pytest.approx((product_norm(B, A) ** 2 + product_norm(*other) ** 2) ** 0.5)
+
+
+@settings(max_examples=30, deadline=None)
+@given(shape=shapes, weights=st.lists(st.floats(0.01, 1.0), min_size=1, max_size=4), seed=st.integers(0, 10_000))
+def test_aggregate_reports_the_weights_it_used(shape, weights, seed):
+    d_out, d_in = shape
+    updates = [{"m": _factors(seed + i, d_out, d_in, 1)} for i in range(len(weights))]
+    assert aggregate_exact(None, updates, weights, rank=len(weights)).weights == weights
+    assert aggregate_fedit(updates, weights).weights == pytest.approx(normalised(weights))

@@ -103,3 +103,99 @@ def test_cli_reports_corrupt_corpus_and_writes_nothing(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "alpha/facts.jsonl:2: malformed JSON" in err
     assert not out.exists()
+
+
+# --- local robustness: only the corpus's own regular text files are read ---
+
+
+def _load_within(root, seconds=10.0, **limits):
+    """load_corpus in a thread: (corpus or CorpusError, finished in time)."""
+    import threading
+
+    out = {}
+
+    def run():
+        try:
+            out["result"] = load_corpus(root, **limits)
+        except CorpusError as err:
+            out["result"] = err
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    thread.join(seconds)
+    return out.get("result"), not thread.is_alive()
+
+
+def test_symlink_out_of_the_corpus_is_refused_and_not_read(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "secret.md").write_text("The owner's SSH passphrase is hunter2.")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.md").write_text("A real document.")
+    (corpus / "passwd.txt").symlink_to("/etc/passwd")
+    (corpus / "secret.md").symlink_to(outside / "secret.md")
+    (corpus / "elsewhere").symlink_to(outside, target_is_directory=True)  # a directory out of the corpus
+    (corpus / "dangling.md").symlink_to(tmp_path / "gone.md")
+    problems = _problems(corpus)
+    assert [p.split(":")[0] for p in problems] == ["dangling.md", "elsewhere", "passwd.txt", "secret.md"]
+    assert "broken symlink" in problems[0]
+    assert all("outside the corpus" in p for p in problems[1:])
+    assert "hunter2" not in " ".join(problems)
+
+
+def test_symlink_inside_the_corpus_is_read_as_its_target(tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.md").write_text("# Alpha\n\nThe Zorvex Tower is red.")
+    (tmp_path / "link.md").symlink_to(tmp_path / "notes" / "a.md")
+    (tmp_path / "notes-again").symlink_to(tmp_path / "notes", target_is_directory=True)  # not descended
+    (tmp_path / ".private").mkdir()
+    (tmp_path / ".private" / "diary.md").write_text("Hidden, never read.")
+    (tmp_path / "diary.md").symlink_to(tmp_path / ".private" / "diary.md")  # into a hidden part: refused
+    problems = _problems(tmp_path)
+    assert len(problems) == 1 and problems[0].startswith("diary.md: symlink to") and "outside the corpus" in problems[0]
+    (tmp_path / "diary.md").unlink()
+    corpus = load_corpus(tmp_path)
+    assert [(d.source, d.title) for d in corpus.documents] == [("link.md", "Alpha"), ("notes/a.md", "Alpha")]
+
+
+def test_fifo_named_txt_is_refused_without_hanging(tmp_path):
+    import os
+
+    (tmp_path / "a.md").write_text("A real document.")
+    os.mkfifo(tmp_path / "notes.txt")  # opening it to read would wait for a writer forever
+    result, finished = _load_within(tmp_path)
+    assert finished, "load_corpus hung on a FIFO"
+    assert isinstance(result, CorpusError)
+    (problem,) = result.problems
+    assert problem.startswith("notes.txt: a FIFO, not a regular file")
+
+
+def test_nul_byte_is_refused_with_its_line(tmp_path):
+    (tmp_path / "a.md").write_text("A real document.")
+    (tmp_path / "b.txt").write_bytes(b"first line\nsecond \x00 line\n")
+    (tmp_path / "r.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "a\x00b"}\n')
+    assert _problems(tmp_path) == ["b.txt:2: contains a NUL byte (offset 18): a binary file, not text",
+                                   "r.jsonl:2: contains a NUL byte (offset 26): a binary file, not text"]
+
+
+def test_oversized_files_and_corpus_are_refused_before_reading(tmp_path):
+    from fedmem.corpus import MAX_FILE_BYTES
+
+    (tmp_path / "a.md").write_text("A real document.")
+    with open(tmp_path / "huge.txt", "wb") as fh:  # sparse: its size is seen before anything is read
+        fh.truncate(MAX_FILE_BYTES + 1)
+    (problem,) = _problems(tmp_path)
+    assert problem.startswith(f"huge.txt: {MAX_FILE_BYTES + 1} bytes, above the per-file limit of 20.0 MiB")
+    (tmp_path / "huge.txt").unlink()
+
+    (tmp_path / "b.md").write_text("B" * 200)
+    (tmp_path / "c.md").write_text("C" * 50)
+    with pytest.raises(CorpusError) as info:
+        load_corpus(tmp_path, max_file_bytes=100)
+    assert [p.split(":")[0] for p in info.value.problems] == ["b.md"]
+    with pytest.raises(CorpusError) as info:
+        load_corpus(tmp_path, max_total_bytes=230)  # a.md (16) + b.md (200) fit; c.md passes the total
+    (problem,) = info.value.problems
+    assert problem.startswith("c.md: the corpus passes the total size limit")
+    assert len(load_corpus(tmp_path, max_total_bytes=266).documents) == 3

@@ -4,12 +4,14 @@ Every party is its own OS process, started through the fedmem command lines as a
 operator would: one ``fedmem-server start`` and one ``fedmem-client join`` per data
 owner, with the tiny model. One federation (module fixture, ~2 min on 2 cores) serves
 all tests here: three admitted owners, one owner nobody admitted, and one admitted
-owner whose base model differs.
+owner whose base model differs. Before anyone joins, the front door is attacked
+(tests/test_front_door.py's path tricks and oversized bodies, at the public port).
 """
 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -49,6 +51,7 @@ def federation(tmp_path_factory, tiny_base):
         server.start()
         wait_for(lambda: "listening on" in server.output(), 120, "the server to listen", parties)
         ca = state / "certs" / "ca.pem"
+        attack = attack_front_door(state, port, ca)
 
         def join(name: str, base: Path) -> Party:
             party = Party(name, root / "logs", [
@@ -69,9 +72,43 @@ def federation(tmp_path_factory, tiny_base):
         omega_rc = omega.wait(60)
         yield {"root": root, "state": state, "server": server, "server_rc": server_rc, "clients": clients,
                "client_rcs": client_rcs, "omega": omega, "omega_rc": omega_rc, "delta": delta,
-               "tiny_base": tiny_base, "other_base": other_base}
+               "tiny_base": tiny_base, "other_base": other_base, "attack": attack}
     finally:
         stop_all(parties)
+
+
+def attack_front_door(state: Path, port: int, ca: Path) -> dict:
+    """Every path trick and oversized bodies at the server's public port, then the SuperLink's nodes
+    as its Control API (on loopback) lists them. The tricks carry a Control API request registering an
+    attacker's key: through the old front door, that node was registered."""
+    from fedmem.server import admission
+    from fedmem.server.superlink import flwr
+    from flwr.proto.control_pb2 import RegisterNodeRequest
+    from flwr.supercore.primitives.asymmetric import generate_key_pairs, public_key_to_bytes
+    from test_front_door import oversized_requests, raw_status, send_tricks
+
+    started = time.monotonic()
+    _, attacker = generate_key_pairs()
+    tricks = send_tricks(port, ca, RegisterNodeRequest(public_key=public_key_to_bytes(attacker)).SerializeToString())
+    oversized = {what: raw_status(port, ca, head, b"\0" * 16384) for what, head in oversized_requests(port).items()}
+    nodes = flwr(state / "flwr", "supernode", "list").get("nodes", [])
+    return {"tricks": tricks, "oversized": oversized, "nodes": nodes, "seconds": time.monotonic() - started,
+            "admitted_node_ids": {entry.get("node_id") for entry in admission.load(state).values()}}
+
+
+def test_front_door_refuses_path_tricks_and_oversized_bodies(federation):
+    """Issue 16: every path trick and an oversized body get a non-2xx answer from the public port of
+    `fedmem-server start`, and the SuperLink is untouched (no node registered but the admitted ones)."""
+    attack = federation["attack"]
+    answered = {t: s for t, s in attack["tricks"].items() if not (isinstance(s, int) and 400 <= s < 500)}
+    assert not answered, answered
+    assert all(s in (411, 413) for s in attack["oversized"].values()), attack["oversized"]
+    assert attack["oversized"]["400 MiB push-object"] == 413
+    registered = {str(node["node-id"]) for node in attack["nodes"]}
+    assert registered == attack["admitted_node_ids"] and len(registered) == len(OWNERS) + 1, attack["nodes"]
+    out = federation["server"].output()
+    assert "front door: refused 'POST' '/v1/fleet/../control/list-runs' from 127.0.0.1: dot segment" in out
+    assert attack["seconds"] < 20, attack["seconds"]
 
 
 def test_full_run_over_tls_with_three_clients(federation):
@@ -87,6 +124,15 @@ def test_full_run_over_tls_with_three_clients(federation):
         kept = verify_memory(f["root"] / "clients" / name / "memory", fingerprint(f["tiny_base"]))
         assert kept["round"] == 1 and kept["clients"] == sorted(OWNERS)
     assert "memory sent to" in f["server"].output()
+    # Identity comes from keys: each update is recorded under the name the coordinator gave the
+    # owner's key, with that key's fingerprint; nothing was refused; delta (other base) failed.
+    from fedmem.clients.keys import ensure_keys
+
+    keys = {name: ensure_keys(f["root"] / "clients" / name).fingerprint for name in OWNERS}
+    assert {name: rows[0]["updates"][name]["key"] for name in OWNERS} == keys
+    assert manifest["owner_keys"] == keys
+    assert rows[0]["rejected"] == [] and rows[0]["refused_nodes"] == []
+    assert any("differs from the federation's" in str(failed) for failed in rows[0]["failed"]), rows[0]["failed"]
 
 
 def test_transport_is_tls_and_only_the_fleet_api_is_exposed(federation):

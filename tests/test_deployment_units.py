@@ -106,6 +106,29 @@ def test_allow_list_add_list_remove(tmp_path, capsys):
     assert "cannot be admitted again" in capsys.readouterr().err
 
 
+def test_node_ids_map_to_admitted_names_and_keys_only(tmp_path):
+    state = tmp_path / "server"
+    a, b = ensure_keys(tmp_path / "a"), ensure_keys(tmp_path / "b")
+    admission.add(state, "alpha", a.public_text)
+    admission.add(state, "beta", b.public_text)
+    with pytest.raises(admission.AdmissionError, match="use letters"):
+        admission.add(state, "gamma\nround 9/9: forged", ensure_keys(tmp_path / "c").public_text)
+    data = admission.read_allow_list(admission.allow_list_path(state))
+    assert admission.owners_by_node(data["clients"]) == {}  # nobody registered with the SuperLink yet
+    data["clients"]["alpha"]["node_id"] = "1234567890123"  # as `sync` records it: a string
+    data["clients"]["beta"]["node_id"] = "77"
+    assert admission.owners_by_node(data["clients"]) == {1234567890123: ("alpha", a.fingerprint),
+                                                         77: ("beta", b.fingerprint)}
+    # A hand-edited file: a node id under two names maps to neither; a name that could forge a log line, to none.
+    data["clients"]["alpha"]["node_id"] = "77"
+    data["clients"]["x\ny"] = {"fingerprint": "SHA256:x", "node_id": "5"}
+    assert admission.owners_by_node(data["clients"]) == {}
+    assert admission.read_allow_list(tmp_path / "missing.json") == {"clients": {}, "removed": {}}
+    (tmp_path / "bad.json").write_text('{"clients": [1]}')
+    with pytest.raises(admission.AdmissionError, match="corrupt allow-list"):
+        admission.read_allow_list(tmp_path / "bad.json")
+
+
 @pytest.mark.parametrize("address,problem", [("localhost", "expected HOST:PORT"), ("host:http", "not a number"),
                                              ("host:70000", "between 1 and 65535")])
 def test_bad_addresses_are_named(address, problem):
@@ -219,6 +242,10 @@ def test_app_project_is_a_valid_flower_app(tmp_path):
     assert components == {"serverapp": "fedmem.flower.app_project:app", "clientapp": "fedmem.flower.client_app:app"}
     with pytest.raises(ValueError, match="roundz"):  # an unknown key is named, not ignored
         plan_from_run_config({"roundz": 3})
+    # Who the owners are: the coordinator's allow-list (`fedmem-server start` passes its own), else nobody's.
+    assert RUN_CONFIG_DEFAULTS["allow-list"] == "" and plan_from_run_config({}).allow_list is None
+    allow = tmp_path / "state" / "clients.json"
+    assert plan_from_run_config({"allow-list": str(allow)}).allow_list == allow
 
 
 def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path, tiny_base):

@@ -35,7 +35,7 @@ def test_continuing_client_sends_the_exact_change(tiny_base, two_clients):
     assert changed  # training moved something
 
 
-def test_server_weights_updates_by_their_example_counts():
+def test_server_weights_every_accepted_update_alike():
     g = torch.Generator().manual_seed(0)
     u1 = {
         "m": (torch.randn(3, 1, generator=g, dtype=torch.float64), torch.randn(1, 2, generator=g, dtype=torch.float64))
@@ -43,14 +43,16 @@ def test_server_weights_updates_by_their_example_counts():
     u2 = {
         "m": (torch.randn(3, 1, generator=g, dtype=torch.float64), torch.randn(1, 2, generator=g, dtype=torch.float64))
     }
-    mean = server_aggregate(None, [u1, u2], [1.0, 3.0], _config())
-    # FedAvg's pₖ = nₖ/Σn: 1/4 and 3/4. An unweighted mean (1/2, 1/2) or a sum fails this.
-    assert torch.allclose(dense(*mean.factors["m"]), 0.25 * dense(*u1["m"]) + 0.75 * dense(*u2["m"]))
-    fedit = server_aggregate(None, [u1, u2], [1.0, 3.0], _config(method="fedit"))
+    mean = server_aggregate(None, [u1, u2], _config())
+    # Equal weights per accepted owner: the server cannot check an example count, so none is asked for.
+    assert torch.allclose(dense(*mean.factors["m"]), 0.5 * dense(*u1["m"]) + 0.5 * dense(*u2["m"]))
+    assert mean.weights == [0.5, 0.5]
+    fedit = server_aggregate(None, [u1, u2], _config(method="fedit"))
     B, A = fedit.factors["m"]
-    assert torch.allclose(B, 0.25 * u1["m"][0] + 0.75 * u2["m"][0]) and torch.allclose(
-        A, 0.25 * u1["m"][1] + 0.75 * u2["m"][1]
-    )
+    assert torch.allclose(B, 0.5 * u1["m"][0] + 0.5 * u2["m"][0])
+    assert torch.allclose(A, 0.5 * u1["m"][1] + 0.5 * u2["m"][1])
+    with pytest.raises(ValueError, match="no client updates"):
+        server_aggregate(None, [], _config())
 
 
 @pytest.mark.parametrize(
@@ -95,7 +97,7 @@ def test_cyclic_round_trains_each_owner_on_the_memory_the_previous_one_left(tiny
     memory = federate_in_process(tiny_base, corpora, config)
     # The same round by hand: alpha from nothing, then beta on alpha's memory, each update in full.
     first = client_update(tiny_base, corpora[0], None, config, 1, span=training_span(config, 1, 0, 2))
-    after_alpha = server_aggregate(None, [first.factors], [first.metrics["examples"]], config).factors
+    after_alpha = server_aggregate(None, [first.factors], config).factors
     second = client_update(tiny_base, corpora[1], after_alpha, config, 1, span=training_span(config, 1, 1, 2))
     by_hand = aggregate_exact(after_alpha, [second.factors], [1.0], rank=4).factors
     for name in memory:

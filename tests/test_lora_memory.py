@@ -330,6 +330,6 @@ def test_refuses_incomplete_or_mismatched_tensors(small_llama, tmp_path):
 
 def test_a_memory_edited_into_a_variant_is_a_format_error(small_llama, tmp_path):
     save_memory(tmp_path / "m", _mixed_rank_factors(small_llama), small_llama, {"round": 1})
-    _edit_config(tmp_path / "m", use_dora=True)  # the checksum covers the weights only
+    _edit_config(tmp_path / "m", use_dora=True)  # unsigned: only the weights' checksum (tests/test_signing.py)
     with pytest.raises(MemoryFormatError, match="use_dora"):
         load_memory(tmp_path / "m")

@@ -10,7 +10,7 @@ import torch
 
 from fedmem import base_model
 from fedmem.answer import generate_answers, is_correct
-from fedmem.base_model import FINGERPRINT_FILE, fingerprint, load_model, load_tokenizer
+from fedmem.base_model import fingerprint, load_model, load_tokenizer
 from fedmem.config import FederationConfig, LoraSettings
 from fedmem.corpus import load_corpus
 from fedmem.federation import client_update
@@ -27,17 +27,19 @@ def _weights_model():
 
 
 def test_fingerprint_follows_the_weights_content_not_their_size_or_place(tmp_path, monkeypatch):
+    monkeypatch.setenv("FEDMEM_HOME", str(tmp_path / "home"))  # the cache is the user's, not the model dir's
     model = _weights_model()
     a, same = tmp_path / "a", tmp_path / "same"
     model.save_pretrained(a)
     model.save_pretrained(same)  # equal content, another directory
     time.sleep(base_model._SETTLED_NS / 1e9 + 0.2)  # old enough to be stamped
     first = fingerprint(a)
-    assert (a / FINGERPRINT_FILE).is_file()  # stamped: what follows goes through the cache
+    assert base_model.fingerprint_cache_file(a).is_file()  # cached: what follows goes through the cache
+    assert sorted(p.name for p in a.iterdir()) == sorted(p.name for p in same.iterdir())  # nothing written beside
     assert first == fingerprint(same) == base_model._hash_weights(a)
 
-    # A copy of the directory (its stamp too) with one weight changed: same file size,
-    # other content, so another fingerprint.
+    # A copy of the directory with one weight changed: same file size, other content, so
+    # another fingerprint.
     b = tmp_path / "b"
     shutil.copytree(a, b)
     with torch.no_grad():
@@ -62,7 +64,7 @@ def test_fingerprint_follows_the_weights_content_not_their_size_or_place(tmp_pat
     weights.write_bytes(original)
     assert fingerprint(a) == first
 
-    # Unchanged, settled weights are not read again: the stamp answers.
+    # Unchanged, settled weights are not read again: the cache answers.
     monkeypatch.setattr(base_model, "_hash_weights", lambda d: pytest.fail(f"{d} hashed again"))
     assert fingerprint(same) == first
 
@@ -70,7 +72,7 @@ def test_fingerprint_follows_the_weights_content_not_their_size_or_place(tmp_pat
 @pytest.mark.real_model
 def test_embedded_model_converts_and_answers(real_base_dir):
     assert (real_base_dir / "model.safetensors").is_file()
-    # Whatever the stamp beside the weights says is the hash of the weights as they are.
+    # Whatever the cache says is the hash of the weights as they are.
     assert fingerprint(real_base_dir) == base_model._hash_weights(real_base_dir)
     tok = load_tokenizer(str(real_base_dir))
     (reply,) = generate_answers(load_model(real_base_dir), tok, ["What is the capital of France?"], max_new_tokens=16)

@@ -21,6 +21,7 @@ from fedmem.base_model import pick_device, resolve_base
 from fedmem.config import FederationConfig, NodeSettings, ServerSettings, from_flat, keys, to_flat
 from fedmem.log import setup_logging
 from fedmem.memory import atomic_write_text
+from fedmem.signing import COORDINATOR_KEY, ensure_signing_key
 
 from .server_app import RunPlan, run_rounds
 
@@ -30,12 +31,19 @@ APP_VERSION = "1.0.0"
 log = logging.getLogger(__name__)
 
 # Every key `flwr run --run-config` may set: where the run writes and which questions it
-# scores, then the coordinator's own machine (NodeSettings), how it runs rounds
-# (ServerSettings) and the recipe it sends (FederationConfig), all from fedmem.config.
-# An empty string means "not given".
+# scores, the allow-list that says who the owners are, then the coordinator's own machine
+# (NodeSettings), how it runs rounds (ServerSettings) and the recipe it sends
+# (FederationConfig), all from fedmem.config. An empty string means "not given".
+# allow-list: the coordinator's clients.json (``fedmem-server start`` passes its own); each
+# reply's node id is mapped to the name and key admitted there, a node not on it is refused.
+# Not given (a SuperLink run by hand): owners are known by the names they give.
+# signing-key: the Ed25519 key every memory version is signed with (``fedmem-server start`` passes
+# the one in its state dir); not given: ``<out>/memory-signing.key``, made on first use.
 RUN_CONFIG_DEFAULTS: dict[str, object] = {
     "out": "fedmem-run",
     "questions": "",
+    "allow-list": "",
+    "signing-key": "",
     **to_flat(NodeSettings()),
     **to_flat(ServerSettings()),
     **to_flat(FederationConfig()),
@@ -52,14 +60,20 @@ def plan_from_run_config(run_config: dict) -> RunPlan:
 
     node, server, federation = part(NodeSettings), part(ServerSettings), part(FederationConfig)
     questions = str(run_config.get("questions", ""))
+    allow_list = str(run_config.get("allow-list", ""))
+    out_dir = Path(str(run_config.get("out", RUN_CONFIG_DEFAULTS["out"]))).expanduser().resolve()
+    signing_key = Path(str(run_config.get("signing-key", "")) or out_dir / COORDINATOR_KEY).expanduser().resolve()
+    ensure_signing_key(signing_key, "fedmem coordinator memory signing")  # made on first use; refused if unusable
     return RunPlan(
         base_dir=str(resolve_base(node.base or None)),
-        out_dir=Path(str(run_config.get("out", RUN_CONFIG_DEFAULTS["out"]))).expanduser().resolve(),
+        out_dir=out_dir,
         federation=federation,
         server=server,
         questions=load_questions(Path(questions)) if questions else None,
         device=pick_device(node.device),
         publish=True,
+        allow_list=Path(allow_list).expanduser().resolve() if allow_list else None,
+        signing_key=str(signing_key),
     )
 
 
@@ -73,6 +87,8 @@ def main(grid: Grid, context: Context) -> None:
     plan = plan_from_run_config(dict(context.run_config))
     log.info("run %s: %d rounds, at least %d clients, output %s", context.run_id, plan.federation.rounds,
              plan.server.min_clients, plan.out_dir)
+    if plan.allow_list is None:
+        log.warning("no allow-list in the run config: owners are known by the names they give, not by their keys")
     run_rounds(grid, plan)
     log.info("memory adapter: %s", plan.out_dir / "memory")
 

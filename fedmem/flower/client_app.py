@@ -19,11 +19,13 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedmem.base_model import pick_device, resolve_base
+from fedmem.client_policy import PolicyRefused, enforce_policy, policy_from_node_config
 from fedmem.config import FederationConfig, NodeSettings
 from fedmem.corpus import load_corpus
 from fedmem.federation import base_fingerprint, client_update, set_threads
 from fedmem.log import log_context, setup_logging
-from fedmem.memory import save_memory
+from fedmem.memory import MemoryFormatError
+from fedmem.signing import PINNED_KEY, receive_memory
 
 from .messages import (
     CONFIG_KEY,
@@ -31,11 +33,13 @@ from .messages import (
     MANIFEST_KEY,
     MEMORY_KEY,
     METRICS_KEY,
+    SIGNED_MEMORY_KEY,
     UPDATE_KEY,
     factors_to_record,
     metrics_to_record,
     record_to_config,
     record_to_factors,
+    record_to_memory_files,
 )
 
 log = logging.getLogger(__name__)
@@ -60,19 +64,26 @@ def node_settings(context: Context, fallback: NodeSettings | None = None) -> Nod
 
 
 def keep_memory(msg: Message, context: Context, base: str) -> None:
-    """Save the memory this message carries under the node's state dir: the newest one received."""
+    """Keep the memory this message carries in the node's state dir (the newest one received),
+    exactly as the coordinator signed it: verified against the coordinator key pinned there (the
+    signer's, pinned now, if none is yet), file by file, and against this client's base model."""
     if "state" not in context.node_config or MANIFEST_KEY not in msg.content:
         return
     manifest = json.loads(str(msg.content[MANIFEST_KEY]["json"]))
-    if manifest.get("base_fingerprint") and manifest["base_fingerprint"] != base_fingerprint(base):
-        log.warning("memory of round %s not kept: it was made for another base model (%s...) than this "
-                    "client's (%s)", manifest.get("round"), manifest["base_fingerprint"][:19], base)
+    if SIGNED_MEMORY_KEY not in msg.content:
+        log.warning("memory of round %s not kept: the coordinator sent it unsigned", manifest.get("round"))
         return
-    factors = record_to_factors(msg.content[MEMORY_KEY])
-    if factors:
-        manifest = {k: v for k, v in manifest.items() if k not in ("weights_sha256", "created", "format")}
-        manifest["base_model"] = str(base)  # this machine's copy of the (identical) base model
-        save_memory(Path(str(context.node_config["state"])) / RECEIVED_MEMORY, factors, Path(base), manifest)
+    state = Path(str(context.node_config["state"]))
+    try:
+        files = record_to_memory_files(msg.content[SIGNED_MEMORY_KEY])
+        _, pinned = receive_memory(files, state, base_fingerprint(base), RECEIVED_MEMORY)
+    except (MemoryFormatError, ValueError) as err:
+        log.warning("memory of round %s not kept: %s", manifest.get("round"), err)
+        return
+    if pinned:
+        log.warning("pinned the coordinator's memory-signing key %s on first use in %s: every later memory must be "
+                    "signed by it; compare it with the fingerprint `fedmem-server start` printed",
+                    pinned, state / PINNED_KEY)
 
 
 def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | None = None) -> ClientApp:
@@ -92,13 +103,21 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
         set_threads(settings.threads)
         sent, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
         base = str(resolve_base(settings.base or None))
+        config = FederationConfig(**sent["federation"])
+        # The owner's limits on the coordinator's recipe: refused with the reason, never clamped.
+        policy = policy_from_node_config(context.node_config)
+        if policy is not None:
+            try:
+                enforce_policy(config, policy, base)
+            except PolicyRefused as err:
+                log.error("round %s refused: %s", server_round, err)
+                raise
         mine = base_fingerprint(base)
         if mine != wanted:
             raise FingerprintMismatch(
                 f"this client's base model ({mine[:19]}...) differs from the federation's ({wanted[:19]}...)"
             )
         keep_memory(msg, context, base)
-        config = FederationConfig(**sent["federation"])
         corpus = load_corpus(corpus_dir(context))
         name = corpus.name
         with log_context(f"{name} round {server_round}"):

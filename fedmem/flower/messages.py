@@ -20,6 +20,8 @@ UPDATE_KEY = "update"
 METRICS_KEY = "metrics"
 INFO_KEY = "info"
 MANIFEST_KEY = "manifest"
+# The signed memory directory itself, file by file (fedmem.signing): what an owner keeps.
+SIGNED_MEMORY_KEY = "signed-memory"
 
 
 def factors_to_record(factors: Factors | None) -> ArrayRecord:
@@ -52,3 +54,17 @@ def record_to_config(record: ConfigRecord) -> tuple[dict, int, str]:
 
 def metrics_to_record(metrics: dict[str, float]) -> MetricRecord:
     return MetricRecord({k: float(v) for k, v in metrics.items()})
+
+
+def memory_files_to_record(files: dict[str, bytes]) -> ConfigRecord:
+    """A signed memory directory (``fedmem.signing.pack_memory``) as one ConfigRecord: path -> bytes."""
+    return ConfigRecord(dict(files))
+
+
+def record_to_memory_files(record: ConfigRecord) -> dict[str, bytes]:
+    files = {}
+    for path, data in record.items():
+        if not isinstance(data, bytes):
+            raise ValueError(f"signed memory file {path!r} is not bytes")
+        files[str(path)] = data
+    return files

@@ -1,19 +1,30 @@
-"""Flower ServerApp: the round loop. Send the memory, collect updates, aggregate, save.
+"""Flower ServerApp: the round loop. Send the memory, collect updates, check them, aggregate, save.
 
-All the math lives in ``fedmem.federation`` / ``fedmem.aggregate``; this module only
-moves messages, keeps the files (one checkpoint per round, metrics.jsonl, the final
-memory) and reports progress.
+All the math lives in ``fedmem.federation`` / ``fedmem.aggregate``, every check of an
+update in ``fedmem.validate``; this module moves messages, decides who each reply is
+from, keeps the files (one checkpoint per round, metrics.jsonl, the final memory) and
+reports progress.
+
+Who an owner is: deployed, the name and key fingerprint the coordinator admitted
+(``fedmem-server clients add``), looked up by the node id Flower authenticated the reply
+with (``RunPlan.allow_list``); a name a client sends is only ever shown, cleaned
+(``fedmem.validate.display_name``). In simulation, where one machine runs every owner and
+there are no keys, the name each node's ClientApp gives when asked (its corpus directory,
+which the simulation assigned to that partition).
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
@@ -23,6 +34,23 @@ from fedmem.federation import base_fingerprint, run_round, set_threads
 from fedmem.log import progress
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, load_memory, save_memory
+from fedmem.signing import SIGNATURE_FILE, Trust, load_signing_key, pack_memory
+from fedmem.validate import (
+    Expected,
+    Rejected,
+    check_factors,
+    check_finite,
+    check_metrics,
+    check_norm,
+    check_relative,
+    clean,
+    delta_factors,
+    display_name,
+    expected_rank,
+    module_norms,
+    norm_bound,
+    total_norm,
+)
 
 from .messages import (
     CONFIG_KEY,
@@ -30,9 +58,11 @@ from .messages import (
     MANIFEST_KEY,
     MEMORY_KEY,
     METRICS_KEY,
+    SIGNED_MEMORY_KEY,
     UPDATE_KEY,
     config_to_record,
     factors_to_record,
+    memory_files_to_record,
     record_to_factors,
 )
 
@@ -49,6 +79,12 @@ class RunPlan:
     device: str = "cpu"  # the coordinator's, for evaluation; owners pick their own
     # Deployment: send every new memory version to the clients so they can use it locally.
     publish: bool = False
+    # The Ed25519 key every memory version is signed with (fedmem.signing); "" = unsigned.
+    signing_key: str = ""
+    # Deployment: the coordinator's allow-list (clients.json, fedmem.server.admission). Each
+    # reply's node id is mapped to the name and key admitted there; a node not on it is refused
+    # and sent nothing. None: owners name themselves when asked (simulation).
+    allow_list: Path | None = None
 
     @property
     def round_timeout(self) -> float | None:
@@ -62,10 +98,10 @@ def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> 
     return score(model, load_tokenizer(base_dir), questions)
 
 
-def _wait_for_nodes(grid: Grid, plan: RunPlan) -> list[int]:
+def _wait_for_nodes(grid: Grid, plan: RunPlan, roster: Roster) -> list[int]:
     deadline = time.monotonic() + plan.server.wait_for_clients
     while True:
-        nodes = list(grid.get_node_ids())
+        nodes = roster.admitted(grid.get_node_ids())
         if len(nodes) >= plan.server.min_clients:
             break
         if time.monotonic() > deadline:
@@ -76,17 +112,36 @@ def _wait_for_nodes(grid: Grid, plan: RunPlan) -> list[int]:
     settled = time.monotonic()
     while time.monotonic() - settled < plan.server.join_grace:
         time.sleep(1.0)
-        now = list(grid.get_node_ids())
+        now = roster.admitted(grid.get_node_ids())
         if set(now) - set(nodes):
             settled = time.monotonic()
         nodes = now
     return nodes
 
 
+def _fsync_dir(directory: Path) -> None:
+    fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def _append_jsonl(path: Path, record: dict) -> None:
-    with open(path, "a") as fh:
-        fh.write(json.dumps(record) + "\n")
+    """One row, on disk before this returns (file fsynced; its directory too when the file is new).
+    A last line a crash cut short gets its end of line first, so the new row stays a line of its own."""
+    created = not path.exists()
+    with open(path, "ab+") as fh:
+        fh.seek(0, os.SEEK_END)
+        torn = False
+        if fh.tell():
+            fh.seek(-1, os.SEEK_END)
+            torn = fh.read(1) != b"\n"
+        fh.write((("\n" if torn else "") + json.dumps(record) + "\n").encode())
         fh.flush()
+        os.fsync(fh.fileno())
+    if created:
+        _fsync_dir(path.parent)
 
 
 def _comparable(federation: dict) -> dict:
@@ -95,12 +150,17 @@ def _comparable(federation: dict) -> dict:
     return {k: v for k, v in {"schedule": "parallel", **json.loads(json.dumps(federation))}.items() if k != "rounds"}
 
 
-def last_checkpoint(plan: RunPlan, fp: str) -> tuple[int, object, dict]:
-    """The newest round checkpoint that verifies: (round, factors, manifest), or (0, None, {})."""
+def last_checkpoint(plan: RunPlan, fp: str, key=None) -> tuple[int, object, dict]:
+    """The newest round checkpoint that verifies: (round, factors, manifest), or (0, None, {}).
+    With the run's signing ``key``, a signed checkpoint must be signed by it."""
     rounds_dir = plan.out_dir / "rounds"
+    trust = None
+    if key is not None:
+        trust = Trust()
+        trust.add(key.public_key(), "this run's signing key")
     for d in sorted(rounds_dir.glob("round-[0-9][0-9][0-9]"), reverse=True):
         try:
-            factors, manifest = load_memory(d, fp)
+            factors, manifest = load_memory(d, fp, trust=trust)
         except MemoryFormatError as err:
             # Writes are atomic, so this is damage from outside; say so and fall back one round.
             log.warning("checkpoint %s is unusable (%s); trying the one before", d.name, err)
@@ -113,72 +173,317 @@ def last_checkpoint(plan: RunPlan, fp: str) -> tuple[int, object, dict]:
     return 0, None, {}
 
 
-def read_jsonl(path: Path) -> list[dict]:
+def scan_jsonl(path: Path) -> tuple[list[dict], list[str]]:
+    """(the rows that read as JSON objects, a "file:line: problem" for every line that does not)."""
     if not path.is_file():
-        return []
-    rows = []
-    for line in path.read_text().splitlines():
+        return [], []
+    rows, bad = [], []
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    if lines and lines[-1] == b"":
+        lines.pop()
+    for number, raw in enumerate(lines, start=1):
+        if not raw.strip():
+            continue
         try:
-            rows.append(json.loads(line))
-        except ValueError:
-            break  # a line cut short by a crash: everything after it is gone anyway
+            row = json.loads(raw)
+            if not isinstance(row, dict):
+                raise ValueError(f"a JSON {type(row).__name__}, not an object")
+        except (ValueError, UnicodeDecodeError) as err:
+            cut = number == len(lines) and not data.endswith(b"\n")
+            bad.append(f"{path}:{number}: " + ("cut short (no end of line; a crash while writing?)" if cut
+                                               else f"not a JSON object ({clean(err, 120)})"))
+            continue
+        rows.append(row)
+    return rows, bad
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    """Every row of a metrics file; a line that does not read is reported (file:line) and
+    skipped, the rows after it are kept."""
+    rows, bad = scan_jsonl(path)
+    for problem in bad:
+        log.warning("%s; skipped", problem)
     return rows
 
 
-def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan) -> None:
+def _resume_metrics(path: Path, done: int) -> list[dict]:
+    """The metrics rows of rounds 0..done. The file is rewritten only when it holds more (rows
+    of a round that left no checkpoint, lines that do not read), and only after a byte-for-byte
+    copy of it is set aside, so no row is ever lost."""
+    rows, bad = scan_jsonl(path)
+    kept = [r for r in rows if isinstance(r.get("round"), int) and 0 <= r["round"] <= done]
+    if not bad and len(kept) == len(rows):
+        return kept
+    aside = path.with_name(f"{path.name}.before-resume-{time.strftime('%Y%m%d-%H%M%S')}")
+    shutil.copy2(path, aside)
+    with open(aside, "rb") as fh:
+        os.fsync(fh.fileno())
+    for problem in bad:
+        log.warning("%s", problem)
+    atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
+    _fsync_dir(path.parent)
+    log.warning("%s: %d rows of rounds after %d (no checkpoint) and %d unreadable lines left out on resuming; "
+                "the file as it was is kept as %s", path, len(rows) - len(kept), done, len(bad), aside.name)
+    return kept
+
+
+def signed_files(directory: Path) -> dict[str, bytes] | None:
+    """A saved memory's files, byte for byte, if it is signed (what owners keep); else None."""
+    return pack_memory(directory) if (directory / SIGNATURE_FILE).is_file() else None
+
+
+def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan,
+             files: dict[str, bytes] | None = None) -> None:
     """Hand the finished memory to every client still connected, best effort."""
     record = factors_to_record(memory)
-    messages = [
-        Message(content=RecordDict({MEMORY_KEY: record,
-                                    MANIFEST_KEY: ConfigRecord({"json": json.dumps(manifest)})}),
-                message_type=MessageType.EVALUATE, dst_node_id=n)
-        for n in nodes
-    ]
+
+    def content() -> RecordDict:
+        parts = {MEMORY_KEY: record, MANIFEST_KEY: ConfigRecord({"json": json.dumps(manifest)})}
+        if files:
+            parts[SIGNED_MEMORY_KEY] = memory_files_to_record(files)
+        return RecordDict(parts)
+
+    messages = [Message(content=content(), message_type=MessageType.EVALUATE, dst_node_id=n) for n in nodes]
     replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout or 120.0))
     acknowledged = sum(1 for r in replies if not r.has_error())
     # A client that leaves as soon as it has the memory shows up here as "node unavailable".
     log.info("memory sent to %d connected clients (%d acknowledged before leaving)", len(nodes), acknowledged)
 
 
-def _visit_order(grid: Grid, nodes: list[int], plan: RunPlan) -> list[int]:
-    """The nodes sorted by their owners' names, so a cyclic run visits them in the same
-    order every time (Flower's node ids are random); one small query message each."""
-    messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-    names: dict[int, str] = {}
-    for reply in grid.send_and_receive(messages, timeout=plan.round_timeout or 120.0):
-        if not reply.has_error() and INFO_KEY in reply.content:
-            names[reply.metadata.src_node_id] = str(reply.content[INFO_KEY]["client"])
-    return sorted(nodes, key=lambda n: (n not in names, names.get(n, ""), n))
+# --- who each node is ---
 
 
-def _usable_updates(replies: list[Message], fp: str, plan: RunPlan) -> list[tuple[dict, float, tuple[str, dict]]]:
-    """(factors, size, (client name, metrics)) of each reply that can be aggregated; the rest reported."""
-    usable = []
-    for reply in replies:
-        if reply.has_error():
-            log.warning("  a client failed this round: %s", reply.error.reason)
-            continue
-        info = reply.content[INFO_KEY]
-        if str(info["base_fingerprint"]) != fp:
-            log.warning("  client %s ignored: its base model differs from the federation's", info["client"])
-            continue
-        factors = record_to_factors(reply.content[UPDATE_KEY])
-        if not factors:
-            log.warning("  client %s sent an empty update; ignored", info["client"])
-            continue
-        m = dict(reply.content[METRICS_KEY])
-        usable.append((factors, m.get("examples", 1.0), (str(info["client"]), m)))
-    return usable
+@dataclass(frozen=True)
+class Owner:
+    name: str  # the coordinator's name for this owner (deployed: the admitted name)
+    key: str | None = None  # the admitted key's fingerprint; None where names are not bound to keys
+
+    @property
+    def shown(self) -> str:
+        return self.name + (f" (key {self.key})" if self.key else "")
+
+
+def admitted_owners(allow_list: Path) -> dict[int, Owner]:
+    """node id -> the owner admitted with that node's key, from the coordinator's allow-list."""
+    from fedmem.server import admission
+
+    clients = admission.read_allow_list(allow_list)["clients"]
+    return {node: Owner(name, key) for node, (name, key) in admission.owners_by_node(clients).items()}
+
+
+class Roster:
+    """Who is behind each connected node, asked again every round.
+
+    Deployed (``plan.allow_list``): the allow-list, read afresh (owners are added while the
+    server runs); a node that is not on it (a node registered some other way) is refused:
+    it does not count towards min-clients and is sent nothing. Otherwise each node is asked
+    its name (one small query message); a name two nodes give is refused for both.
+    """
+
+    def __init__(self, grid: Grid, plan: RunPlan):
+        self.grid, self.plan = grid, plan
+        self.warned: set[int] = set()
+
+    def admitted(self, nodes) -> list[int]:
+        nodes = list(nodes)
+        if self.plan.allow_list is None:
+            return nodes
+        table = admitted_owners(self.plan.allow_list)
+        for n in nodes:
+            if n not in table and n not in self.warned:
+                self.warned.add(n)
+                log.warning("node %s is connected but not on the allow-list: refused, it is sent nothing", n)
+        return [n for n in nodes if n in table]
+
+    def identify(self, nodes: list[int]) -> tuple[dict[int, Owner], list[dict]]:
+        """(node -> owner for every node that has one, [{"node", "reason"}] for the others)."""
+        if self.plan.allow_list is not None:
+            table = admitted_owners(self.plan.allow_list)
+            owners = {n: table[n] for n in nodes if n in table}
+            return owners, [{"node": n, "reason": "not on the allow-list"} for n in nodes if n not in table]
+        messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
+        said: dict[int, str] = {}
+        for reply in self.grid.send_and_receive(messages, timeout=self.plan.round_timeout or 120.0):
+            node = reply.metadata.src_node_id
+            if reply.has_error() or node not in nodes:
+                continue
+            try:
+                said[node] = display_name(reply.content[INFO_KEY]["client"])
+            except (KeyError, TypeError, ValueError):
+                continue
+        counts: dict[str, int] = {}
+        for name in said.values():
+            counts[name] = counts.get(name, 0) + 1
+        owners = {n: Owner(name) for n, name in said.items() if counts[name] == 1}
+        refused = [{"node": n, "reason": "did not say its name" if n not in said else
+                    f"gave the name {said[n]!r}, which {counts[said[n]]} nodes gave"} for n in nodes if n not in owners]
+        for r in refused:
+            log.warning("node %s refused: %s", r["node"], r["reason"])
+        return owners, refused
+
+
+def visit_order(owners: dict[int, Owner]) -> list[int]:
+    """The nodes in the order of their owners' names (the coordinator's names, never ones a
+    client chose), so a cyclic run visits them in the same order every time."""
+    return sorted(owners, key=lambda n: (owners[n].name, n))
+
+
+# --- what the coordinator knows about the base model ---
+
+
+@functools.lru_cache(maxsize=4)
+def lora_targets(base_dir: str, target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
+    """module -> (d_out, d_in) of every Linear layer of the base model a LoRA with these
+    target modules goes on, matched as PEFT matches them. Built on the meta device: no weights
+    are read."""
+    import torch
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import check_target_module_exists
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base_dir)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    lora = LoraConfig(target_modules=list(target_modules))
+    found = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
+             if isinstance(m, torch.nn.Linear) and check_target_module_exists(lora, name)}
+    if not found:
+        raise ValueError(f"target-modules {','.join(target_modules)} match no Linear layer of {base_dir}")
+    return found
+
+
+def base_weight_norms(base_dir: str, modules) -> dict[str, float]:
+    """‖W‖_F of each module's base weight, read tensor by tensor from the safetensors files
+    (modules whose weight is not found by name are left out)."""
+    import torch
+    from safetensors import safe_open
+
+    wanted = {f"{name}.weight": name for name in modules}
+    norms: dict[str, float] = {}
+    for path in sorted(Path(base_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as fh:
+            for key in fh.keys():
+                if key in wanted:
+                    norms[wanted[key]] = float(torch.linalg.norm(fh.get_tensor(key).double()))
+    return norms
+
+
+# --- the replies ---
+
+
+@dataclass
+class Accepted:
+    owner: Owner
+    node: int
+    factors: dict
+    metrics: dict[str, float]
+    norm: float  # ‖ΔW‖_F over all modules
+
+
+@dataclass
+class Screen:
+    """Checks replies against what the coordinator knows (``fedmem.validate``); keeps the
+    ‖ΔW‖ of every update accepted in the run, the reference of the norm bound."""
+
+    fp: str
+    config: FederationConfig
+    server: ServerSettings
+    modules: dict[str, tuple[int, int]]
+    base_norms: dict[str, float]
+    accepted_norms: list[float] = field(default_factory=list)
+
+    def check(self, reply: Message, owner: Owner, memory) -> Accepted:
+        """One reply on its own: every check but the norm bound, which needs the others."""
+        content = reply.content
+        for key, kind in ((UPDATE_KEY, ArrayRecord), (METRICS_KEY, MetricRecord), (INFO_KEY, ConfigRecord)):
+            if key not in content:
+                raise Rejected(f"the reply has no '{key}' record")
+            if not isinstance(content[key], kind):
+                raise Rejected(f"the reply's '{key}' record is not a {kind.__name__}")
+        info = content[INFO_KEY]
+        if "client" in info and display_name(info["client"]) != owner.name:
+            log.debug("  %s calls itself %r", owner.shown, display_name(info["client"]))
+        if str(info.get("base_fingerprint", "")) != self.fp:
+            raise Rejected("its base model differs from the federation's")
+        try:
+            factors = record_to_factors(content[UPDATE_KEY])
+        except Exception as err:  # anything a crafted record makes the decoding raise
+            raise Rejected(f"the update cannot be read ({clean(err, 120)})") from None
+        method, rank = self.config.method, self.config.lora.rank
+        check_factors(factors, Expected(self.modules, expected_rank(method, rank, memory is not None),
+                                        memory if method == "exact" else None))
+        metrics = check_metrics(dict(content[METRICS_KEY]))
+        norms = module_norms(delta_factors(factors, memory, method))
+        check_relative(norms, self.base_norms, self.server.max_relative_update)
+        return Accepted(owner, reply.metadata.src_node_id, factors, metrics, total_norm(norms))
+
+    def screen(self, replies: list[Message], asked: dict[int, Owner], memory
+               ) -> tuple[list[Accepted], list[dict], list[dict]]:
+        """(accepted updates, rejected [{"owner", "key", "node", "reason"}], failed [the same, for
+        error replies and owners that never answered]); every rejection and failure is logged."""
+        candidates: list[Accepted] = []
+        rejected: list[dict] = []
+        failed: list[dict] = []
+        answered: set[int] = set()
+
+        def entry(node: int, reason: str) -> dict:
+            owner = asked.get(node)
+            return {"owner": owner.name if owner else None, "key": owner.key if owner else None, "node": node,
+                    "reason": reason}
+
+        def refuse(node: int, reason: str) -> None:
+            rejected.append(entry(node, reason))
+            who = asked[node].shown if node in asked else f"node {node}"
+            log.warning("  %s: update refused: %s", who, reason)
+
+        for reply in replies:
+            node = reply.metadata.src_node_id
+            if node not in asked:
+                log.warning("  a reply from node %s, which was not asked, ignored", node)
+                continue
+            if node in answered:
+                refuse(node, "a second reply in the same round")
+                continue
+            answered.add(node)
+            if reply.has_error():
+                reason = clean(reply.error.reason)
+                failed.append(entry(node, reason))
+                log.warning("  %s failed this round: %s", asked[node].shown, reason)
+                continue
+            try:
+                candidates.append(self.check(reply, asked[node], memory))
+            except Rejected as err:
+                refuse(node, clean(err))
+        for node in asked:
+            if node not in answered:
+                failed.append(entry(node, "no reply"))
+                log.warning("  %s: no reply this round", asked[node].shown)
+        bound = norm_bound(self.accepted_norms, [c.norm for c in candidates], self.server.update_norm_factor,
+                           self.server.max_update_norm)
+        accepted = []
+        for c in candidates:
+            try:
+                check_norm(c.norm, bound)
+            except Rejected as err:
+                refuse(c.node, str(err))
+                continue
+            accepted.append(c)
+        self.accepted_norms += [c.norm for c in accepted]
+        return accepted, rejected, failed
 
 
 def train_message(plan: RunPlan, memory, span: tuple[float, float], server_round: int, fp: str, manifest: dict,
-                  node: int) -> Message:
+                  node: int, files: dict[str, bytes] | None = None) -> Message:
     """What one owner is sent to train: the memory, the recipe and its slice of the schedule.
-    Only the recipe travels: each owner's device, base-model path and threads are its own."""
+    Only the recipe travels: each owner's device, base-model path and threads are its own.
+    Published runs also send the last saved memory version, signed, byte for byte (``files``)."""
     sent = {"federation": plan.federation.to_dict(), "span": list(span)}
     content = {MEMORY_KEY: factors_to_record(memory), CONFIG_KEY: config_to_record(sent, server_round, fp)}
     if plan.publish and manifest:
         content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
+        if files:
+            content[SIGNED_MEMORY_KEY] = memory_files_to_record(files)
     return Message(content=RecordDict(content), message_type=MessageType.TRAIN, dst_node_id=node)
 
 
@@ -193,17 +498,35 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     metrics_path = out / "metrics.jsonl"
     fp = base_fingerprint(plan.base_dir)
+    modules = lora_targets(plan.base_dir, tuple(cfg.lora.target_modules))
+    screen = Screen(fp, cfg, plan.server, modules, base_weight_norms(plan.base_dir, modules)
+                    if plan.server.max_relative_update > 0 else {})
+    if plan.server.clip_updates and (cfg.method != "exact" or cfg.schedule != "parallel"):
+        log.warning("clip-updates applies to parallel rounds of method exact only; this run does not clip")
+    signing_key = load_signing_key(plan.signing_key) if plan.signing_key else None
     summary: dict = {"rounds": []}
-    done, memory, manifest = last_checkpoint(plan, fp) if plan.server.resume else (0, None, {})
+    done, memory, manifest = last_checkpoint(plan, fp, signing_key) if plan.server.resume else (0, None, {})
+    files = signed_files(out / "rounds" / f"round-{done:03d}") if done and plan.publish else None
+    if memory is not None and set(memory) != set(modules):
+        raise RuntimeError(f"{out / 'rounds'}: the checkpoints cover other modules than the base model's LoRA "
+                           "targets; use a new output directory")
     clients_seen: set[str] = set(manifest.get("clients", []))
+    owner_keys: dict[str, str] = dict(manifest.get("owner_keys", {}))
     if done:
-        kept = [r for r in read_jsonl(metrics_path) if r.get("round", 0) <= done]
-        atomic_write_text(metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
-        summary["rounds"] = [r for r in kept if r.get("round", 0) > 0]
+        kept = _resume_metrics(metrics_path, done)
+        summary["rounds"] = [r for r in kept if r["round"] > 0]
+        # The norm bound's reference: every update accepted so far, also before a restart.
+        screen.accepted_norms = [float(u["norm"]) for r in summary["rounds"]
+                                 for u in r.get("updates", {}).values() if isinstance(u, dict) and "norm" in u]
         base_row = next((r for r in kept if r.get("round") == 0), None)
         if base_row:
             summary["base_recall"] = {"accuracy": base_row["recall"], **base_row.get("recall_by_source", {})}
         log.info("resuming after round %d from %s", done, out / "rounds" / f"round-{done:03d}")
+    elif plan.server.resume and metrics_path.is_file() and metrics_path.stat().st_size:
+        aside = metrics_path.with_name(f"{metrics_path.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+        os.replace(metrics_path, aside)
+        log.warning("%s has rows but no round checkpoint verifies: starting over, the rows kept as %s",
+                    metrics_path, aside.name)
     else:
         metrics_path.unlink(missing_ok=True)
 
@@ -213,36 +536,58 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         log.info("round 0 (base model): recall %s", _recall_text(before.accuracy, before.by_source))
         _append_jsonl(metrics_path, {"round": 0, "recall": before.accuracy, "recall_by_source": before.by_source})
 
+    roster = Roster(grid, plan)
     for rnd in range(done + 1, cfg.rounds + 1):
         started = time.perf_counter()
-        nodes = _wait_for_nodes(grid, plan)
-        log.info("round %d/%d: training on %d clients%s", rnd, cfg.rounds, len(nodes),
+        nodes = _wait_for_nodes(grid, plan, roster)
+        owners, refused_nodes = roster.identify(nodes)
+        log.info("round %d/%d: training on %d clients%s", rnd, cfg.rounds, len(owners),
                  " one after another ..." if cfg.schedule == "cyclic" else " ...")
-        bar = progress(total=len(nodes), desc=f"round {rnd}/{cfg.rounds}", unit="owner")
+        bar = progress(total=len(owners), desc=f"round {rnd}/{cfg.rounds}", unit="owner")
+        rejected: list[dict] = []
+        failed: list[dict] = []
 
         def train(targets: list[int], memory, span: tuple[float, float]) -> list[tuple]:
-            messages = [train_message(plan, memory, span, rnd, fp, manifest, n) for n in targets]
-            usable = _usable_updates(list(grid.send_and_receive(messages, timeout=plan.round_timeout)), fp, plan)
+            messages = [train_message(plan, memory, span, rnd, fp, manifest, n, files) for n in targets]
+            replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
+            accepted, refused, broken = screen.screen(replies, {n: owners[n] for n in targets}, memory)
+            rejected.extend(refused)
+            failed.extend(broken)
             if cfg.schedule == "cyclic":
-                for _, _, (name, m) in usable:
-                    log.info("  %s trained: loss %.2f->%.3f", name, m["first_loss"], m["final_loss"])
+                for a in accepted:
+                    log.info("  %s trained: loss %.2f->%.3f", a.owner.name, a.metrics["first_loss"],
+                             a.metrics["final_loss"])
             bar.update(len(targets))
-            return usable
+            return [(a.factors, a) for a in accepted]
 
         # Cyclic: one owner at a time, in the order of their names, each on the memory the one before left.
-        owners = _visit_order(grid, nodes, plan) if cfg.schedule == "cyclic" else nodes
-        agg, trained = run_round(cfg, rnd, owners, memory, train)
+        agg, trained = run_round(cfg, rnd, visit_order(owners), memory, train,
+                                 clip=plan.server.clip_updates and cfg.method == "exact")
         bar.close()
-        names = [name for name, _ in trained]
-        client_metrics = dict(trained)
-        if agg is None or len(names) < plan.server.min_clients:
-            raise RuntimeError(f"round {rnd}: only {len(names)} usable updates, {plan.server.min_clients} required")
+        names = [a.owner.name for a in trained]
+        # A refused update does not stop the round (else any one owner could stop the federation by
+        # sending junk): its owner took part; owners that failed or never answered did not.
+        if agg is None or len(names) + len(rejected) < plan.server.min_clients:
+            raise RuntimeError(f"round {rnd}: only {len(names)} usable updates ({len(rejected)} refused), "
+                               f"{plan.server.min_clients} required")
+        try:
+            check_finite(agg.factors)
+        except Rejected as err:
+            raise RuntimeError(f"round {rnd}: {err}; nothing saved") from None
         memory = agg.factors
         clients_seen.update(names)
+        owner_keys.update({a.owner.name: a.owner.key for a in trained if a.owner.key})
+        client_metrics = {a.owner.name: a.metrics for a in trained}
         record = {
             "round": rnd,
             "clients": sorted(names),
             "client_metrics": client_metrics,
+            # What the server checked and decided, per accepted update: the admitted key, ‖ΔW‖, weight.
+            "updates": {a.owner.name: {"key": a.owner.key, "node": a.node, "norm": a.norm, "weight": w}
+                        for a, w in zip(trained, agg.weights)},
+            "rejected": rejected,
+            "failed": failed,
+            "refused_nodes": refused_nodes,
             "truncation_error": agg.max_truncation_error,
         }
         if cfg.schedule == "cyclic":
@@ -250,6 +595,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         line = f"round {rnd}/{cfg.rounds}: {len(names)} clients, loss " + ", ".join(
             f"{n} {client_metrics[n]['first_loss']:.2f}->{client_metrics[n]['final_loss']:.3f}" for n in sorted(names)
         )
+        if rejected:
+            line += f", {len(rejected)} refused (" + ", ".join(
+                r["owner"] or f"node {r['node']}" for r in rejected) + ")"
         if cfg.method == "exact":
             line += f", truncation error {agg.max_truncation_error:.2e}"
         if plan.questions:
@@ -263,22 +611,28 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "round": rnd,
             "rounds": cfg.rounds,
             "clients": sorted(clients_seen),
-            "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "rank": cfg.lora.rank},
+            # Which key each owner's updates came with (deployed; names are the admitted ones).
+            "owner_keys": dict(sorted(owner_keys.items())),
+            "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "rank": cfg.lora.rank,
+                            "weights": "equal per accepted owner", "clip": bool(plan.server.clip_updates)},
             "federation": cfg.to_dict(),
             "metrics": {k: v for k, v in record.items() if k not in ("client_metrics",)},
         }
         # Metrics first: a crash between the two leaves a row without a checkpoint, which a
-        # resumed run drops, never a checkpoint without its row.
+        # resumed run sets aside, never a checkpoint without its row.
         _append_jsonl(metrics_path, record)
-        save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest)
+        save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest,
+                    signing_key=signing_key)
+        if plan.publish:
+            files = signed_files(out / "rounds" / f"round-{rnd:03d}")
         log.info("%s (%.0fs)", line, record["seconds"])
         summary["rounds"].append(record)
     if memory is None:
         raise RuntimeError("no round was completed, so there is no memory to save")
-    save_memory(out / "memory", memory, Path(plan.base_dir), manifest)
+    save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if plan.publish:
-        _publish(grid, list(grid.get_node_ids()), memory, manifest, plan)
+        _publish(grid, roster.admitted(grid.get_node_ids()), memory, manifest, plan, signed_files(out / "memory"))
     return summary
 
 

@@ -18,6 +18,7 @@ from fedmem.base_model import pick_device, resolve_base
 from fedmem.config import FederationConfig, NodeSettings, ServerSettings
 from fedmem.corpus import CorpusError, load_corpus
 from fedmem.demo import demo_dir
+from fedmem.signing import local_key_path, local_signing_key
 
 from .client_app import VERBOSITY_ENV, make_client_app
 from .server_app import RunPlan, make_server_app
@@ -70,8 +71,11 @@ def simulate(
     # a new run starts fresh rather than resuming whatever is in ``out``.
     server = ServerSettings(min_clients=len(dirs), round_timeout=0.0, wait_for_clients=300.0, join_grace=0.0,
                             resume=False)
+    # Signed with this user's own key ($FEDMEM_HOME/keys/local-signing.key, made on first use), which
+    # this user's `fedmem ask` trusts: local runs are verifiable too (docs/security.md).
+    local_signing_key()
     plan = RunPlan(base_dir=base_dir, out_dir=Path(out), federation=federation, server=server, questions=qs,
-                   device=device)
+                   device=device, signing_key=str(local_key_path()))
     cpus = os.cpu_count() or 1
     # One client at a time with every core: on a small machine, clients training side by
     # side only fight over the same cores (and each holds a model copy in memory).

@@ -243,9 +243,10 @@ def test_app_project_is_a_valid_flower_app(tmp_path):
     with pytest.raises(ValueError, match="roundz"):  # an unknown key is named, not ignored
         plan_from_run_config({"roundz": 3})
     # Who the owners are: the coordinator's allow-list (`fedmem-server start` passes its own), else nobody's.
-    assert RUN_CONFIG_DEFAULTS["allow-list"] == "" and plan_from_run_config({}).allow_list is None
+    out = str(tmp_path / "run")  # the run's memory-signing key is made there
+    assert RUN_CONFIG_DEFAULTS["allow-list"] == "" and plan_from_run_config({"out": out}).allow_list is None
     allow = tmp_path / "state" / "clients.json"
-    assert plan_from_run_config({"allow-list": str(allow)}).allow_list == allow
+    assert plan_from_run_config({"allow-list": str(allow), "out": out}).allow_list == allow
 
 
 def test_resume_takes_the_newest_checkpoint_that_verifies(tmp_path, tiny_base):

@@ -33,7 +33,7 @@ from fedmem.config import FederationConfig, ServerSettings
 from fedmem.federation import base_fingerprint, run_round, set_threads
 from fedmem.log import progress
 from fedmem.lora import merge_factors
-from fedmem.memory import MemoryFormatError, atomic_write_text, load_memory, save_memory
+from fedmem.memory import MemoryFormatError, atomic_write_text, fsync_path, load_memory, save_memory
 from fedmem.signing import SIGNATURE_FILE, Trust, load_signing_key, pack_memory
 from fedmem.validate import (
     Expected,
@@ -119,14 +119,6 @@ def _wait_for_nodes(grid: Grid, plan: RunPlan, roster: Roster) -> list[int]:
     return nodes
 
 
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _append_jsonl(path: Path, record: dict) -> None:
     """One row, on disk before this returns (file fsynced; its directory too when the file is new).
     A last line a crash cut short gets its end of line first, so the new row stays a line of its own."""
@@ -141,7 +133,7 @@ def _append_jsonl(path: Path, record: dict) -> None:
         fh.flush()
         os.fsync(fh.fileno())
     if created:
-        _fsync_dir(path.parent)
+        fsync_path(path.parent)
 
 
 def _comparable(federation: dict) -> dict:
@@ -217,12 +209,11 @@ def _resume_metrics(path: Path, done: int) -> list[dict]:
         return kept
     aside = path.with_name(f"{path.name}.before-resume-{time.strftime('%Y%m%d-%H%M%S')}")
     shutil.copy2(path, aside)
-    with open(aside, "rb") as fh:
-        os.fsync(fh.fileno())
+    fsync_path(aside)
     for problem in bad:
         log.warning("%s", problem)
     atomic_write_text(path, "".join(json.dumps(r) + "\n" for r in kept))
-    _fsync_dir(path.parent)
+    fsync_path(path.parent)
     log.warning("%s: %d rows of rounds after %d (no checkpoint) and %d unreadable lines left out on resuming; "
                 "the file as it was is kept as %s", path, len(rows) - len(kept), done, len(bad), aside.name)
     return kept

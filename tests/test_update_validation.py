@@ -271,7 +271,7 @@ class ScriptedGrid:
 
     def __init__(self, base: Path, owners: dict[int, tuple[str, str]], rank: int, method: str = "exact"):
         from fedmem.config import ALL_LINEAR
-        from fedmem.flower.server_app import lora_targets
+        from fedmem.flower.screening import lora_targets
 
         self.modules = lora_targets(str(base), tuple(ALL_LINEAR))
         self.owners, self.rank, self.method = owners, rank, method

@@ -1,21 +1,13 @@
 """Flower ServerApp: the round loop. Send the memory, collect updates, check them, aggregate, save.
 
 All the math lives in ``fedmem.federation`` / ``fedmem.aggregate``, every check of an
-update in ``fedmem.validate``; this module moves messages, decides who each reply is
-from, keeps the files (one checkpoint per round, metrics.jsonl, the final memory) and
-reports progress.
-
-Who an owner is: deployed, the name and key fingerprint the coordinator admitted
-(``fedmem-server clients add``), looked up by the node id Flower authenticated the reply
-with (``RunPlan.allow_list``); a name a client sends is only ever shown, cleaned
-(``fedmem.validate.display_name``). In simulation, where one machine runs every owner and
-there are no keys, the name each node's ClientApp gives when asked (its corpus directory,
-which the simulation assigned to that partition).
+update in ``fedmem.validate``; who each reply is from is ``fedmem.flower.roster``, the
+screening of replies ``fedmem.flower.screening``. This module moves messages, keeps the
+files (one checkpoint per round, metrics.jsonl, the final memory) and reports progress.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
@@ -24,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
@@ -36,35 +28,22 @@ from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, fsync_path, load_memory, save_memory
 from fedmem.signing import SIGNATURE_FILE, Trust, load_signing_key, pack_memory
 from fedmem.validate import (
-    Expected,
     Rejected,
-    check_factors,
     check_finite,
-    check_metrics,
-    check_norm,
-    check_relative,
     clean,
-    delta_factors,
-    display_name,
-    expected_rank,
-    module_norms,
-    norm_bound,
-    total_norm,
 )
 
 from .messages import (
     CONFIG_KEY,
-    INFO_KEY,
     MANIFEST_KEY,
     MEMORY_KEY,
-    METRICS_KEY,
     SIGNED_MEMORY_KEY,
-    UPDATE_KEY,
     config_to_record,
     factors_to_record,
     memory_files_to_record,
-    record_to_factors,
 )
+from .roster import Roster, visit_order
+from .screening import Screen, base_weight_norms, lora_targets
 
 log = logging.getLogger(__name__)
 
@@ -240,228 +219,6 @@ def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan
     acknowledged = sum(1 for r in replies if not r.has_error())
     # A client that leaves as soon as it has the memory shows up here as "node unavailable".
     log.info("memory sent to %d connected clients (%d acknowledged before leaving)", len(nodes), acknowledged)
-
-
-# --- who each node is ---
-
-
-@dataclass(frozen=True)
-class Owner:
-    name: str  # the coordinator's name for this owner (deployed: the admitted name)
-    key: str | None = None  # the admitted key's fingerprint; None where names are not bound to keys
-
-    @property
-    def shown(self) -> str:
-        return self.name + (f" (key {self.key})" if self.key else "")
-
-
-def admitted_owners(allow_list: Path) -> dict[int, Owner]:
-    """node id -> the owner admitted with that node's key, from the coordinator's allow-list."""
-    from fedmem.server import admission
-
-    clients = admission.read_allow_list(allow_list)["clients"]
-    return {node: Owner(name, key) for node, (name, key) in admission.owners_by_node(clients).items()}
-
-
-class Roster:
-    """Who is behind each connected node, asked again every round.
-
-    Deployed (``plan.allow_list``): the allow-list, read afresh (owners are added while the
-    server runs); a node that is not on it (a node registered some other way) is refused:
-    it does not count towards min-clients and is sent nothing. Otherwise each node is asked
-    its name (one small query message); a name two nodes give is refused for both.
-    """
-
-    def __init__(self, grid: Grid, plan: RunPlan):
-        self.grid, self.plan = grid, plan
-        self.warned: set[int] = set()
-
-    def admitted(self, nodes) -> list[int]:
-        nodes = list(nodes)
-        if self.plan.allow_list is None:
-            return nodes
-        table = admitted_owners(self.plan.allow_list)
-        for n in nodes:
-            if n not in table and n not in self.warned:
-                self.warned.add(n)
-                log.warning("node %s is connected but not on the allow-list: refused, it is sent nothing", n)
-        return [n for n in nodes if n in table]
-
-    def identify(self, nodes: list[int]) -> tuple[dict[int, Owner], list[dict]]:
-        """(node -> owner for every node that has one, [{"node", "reason"}] for the others)."""
-        if self.plan.allow_list is not None:
-            table = admitted_owners(self.plan.allow_list)
-            owners = {n: table[n] for n in nodes if n in table}
-            return owners, [{"node": n, "reason": "not on the allow-list"} for n in nodes if n not in table]
-        messages = [Message(content=RecordDict(), message_type=MessageType.QUERY, dst_node_id=n) for n in nodes]
-        said: dict[int, str] = {}
-        for reply in self.grid.send_and_receive(messages, timeout=self.plan.round_timeout or 120.0):
-            node = reply.metadata.src_node_id
-            if reply.has_error() or node not in nodes:
-                continue
-            try:
-                said[node] = display_name(reply.content[INFO_KEY]["client"])
-            except (KeyError, TypeError, ValueError):
-                continue
-        counts: dict[str, int] = {}
-        for name in said.values():
-            counts[name] = counts.get(name, 0) + 1
-        owners = {n: Owner(name) for n, name in said.items() if counts[name] == 1}
-        refused = [{"node": n, "reason": "did not say its name" if n not in said else
-                    f"gave the name {said[n]!r}, which {counts[said[n]]} nodes gave"} for n in nodes if n not in owners]
-        for r in refused:
-            log.warning("node %s refused: %s", r["node"], r["reason"])
-        return owners, refused
-
-
-def visit_order(owners: dict[int, Owner]) -> list[int]:
-    """The nodes in the order of their owners' names (the coordinator's names, never ones a
-    client chose), so a cyclic run visits them in the same order every time."""
-    return sorted(owners, key=lambda n: (owners[n].name, n))
-
-
-# --- what the coordinator knows about the base model ---
-
-
-@functools.lru_cache(maxsize=4)
-def lora_targets(base_dir: str, target_modules: tuple[str, ...]) -> dict[str, tuple[int, int]]:
-    """module -> (d_out, d_in) of every Linear layer of the base model a LoRA with these
-    target modules goes on, matched as PEFT matches them. Built on the meta device: no weights
-    are read."""
-    import torch
-    from peft import LoraConfig
-    from peft.tuners.tuners_utils import check_target_module_exists
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    config = AutoConfig.from_pretrained(base_dir)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(config)
-    lora = LoraConfig(target_modules=list(target_modules))
-    found = {name: (m.out_features, m.in_features) for name, m in model.named_modules()
-             if isinstance(m, torch.nn.Linear) and check_target_module_exists(lora, name)}
-    if not found:
-        raise ValueError(f"target-modules {','.join(target_modules)} match no Linear layer of {base_dir}")
-    return found
-
-
-def base_weight_norms(base_dir: str, modules) -> dict[str, float]:
-    """‖W‖_F of each module's base weight, read tensor by tensor from the safetensors files
-    (modules whose weight is not found by name are left out)."""
-    import torch
-    from safetensors import safe_open
-
-    wanted = {f"{name}.weight": name for name in modules}
-    norms: dict[str, float] = {}
-    for path in sorted(Path(base_dir).glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as fh:
-            for key in fh.keys():
-                if key in wanted:
-                    norms[wanted[key]] = float(torch.linalg.norm(fh.get_tensor(key).double()))
-    return norms
-
-
-# --- the replies ---
-
-
-@dataclass
-class Accepted:
-    owner: Owner
-    node: int
-    factors: dict
-    metrics: dict[str, float]
-    norm: float  # ‖ΔW‖_F over all modules
-
-
-@dataclass
-class Screen:
-    """Checks replies against what the coordinator knows (``fedmem.validate``); keeps the
-    ‖ΔW‖ of every update accepted in the run, the reference of the norm bound."""
-
-    fp: str
-    config: FederationConfig
-    server: ServerSettings
-    modules: dict[str, tuple[int, int]]
-    base_norms: dict[str, float]
-    accepted_norms: list[float] = field(default_factory=list)
-
-    def check(self, reply: Message, owner: Owner, memory) -> Accepted:
-        """One reply on its own: every check but the norm bound, which needs the others."""
-        content = reply.content
-        for key, kind in ((UPDATE_KEY, ArrayRecord), (METRICS_KEY, MetricRecord), (INFO_KEY, ConfigRecord)):
-            if key not in content:
-                raise Rejected(f"the reply has no '{key}' record")
-            if not isinstance(content[key], kind):
-                raise Rejected(f"the reply's '{key}' record is not a {kind.__name__}")
-        info = content[INFO_KEY]
-        if "client" in info and display_name(info["client"]) != owner.name:
-            log.debug("  %s calls itself %r", owner.shown, display_name(info["client"]))
-        if str(info.get("base_fingerprint", "")) != self.fp:
-            raise Rejected("its base model differs from the federation's")
-        try:
-            factors = record_to_factors(content[UPDATE_KEY])
-        except Exception as err:  # anything a crafted record makes the decoding raise
-            raise Rejected(f"the update cannot be read ({clean(err, 120)})") from None
-        method, rank = self.config.method, self.config.lora.rank
-        check_factors(factors, Expected(self.modules, expected_rank(method, rank, memory is not None),
-                                        memory if method == "exact" else None))
-        metrics = check_metrics(dict(content[METRICS_KEY]))
-        norms = module_norms(delta_factors(factors, memory, method))
-        check_relative(norms, self.base_norms, self.server.max_relative_update)
-        return Accepted(owner, reply.metadata.src_node_id, factors, metrics, total_norm(norms))
-
-    def screen(self, replies: list[Message], asked: dict[int, Owner], memory
-               ) -> tuple[list[Accepted], list[dict], list[dict]]:
-        """(accepted updates, rejected [{"owner", "key", "node", "reason"}], failed [the same, for
-        error replies and owners that never answered]); every rejection and failure is logged."""
-        candidates: list[Accepted] = []
-        rejected: list[dict] = []
-        failed: list[dict] = []
-        answered: set[int] = set()
-
-        def entry(node: int, reason: str) -> dict:
-            owner = asked.get(node)
-            return {"owner": owner.name if owner else None, "key": owner.key if owner else None, "node": node,
-                    "reason": reason}
-
-        def refuse(node: int, reason: str) -> None:
-            rejected.append(entry(node, reason))
-            who = asked[node].shown if node in asked else f"node {node}"
-            log.warning("  %s: update refused: %s", who, reason)
-
-        for reply in replies:
-            node = reply.metadata.src_node_id
-            if node not in asked:
-                log.warning("  a reply from node %s, which was not asked, ignored", node)
-                continue
-            if node in answered:
-                refuse(node, "a second reply in the same round")
-                continue
-            answered.add(node)
-            if reply.has_error():
-                reason = clean(reply.error.reason)
-                failed.append(entry(node, reason))
-                log.warning("  %s failed this round: %s", asked[node].shown, reason)
-                continue
-            try:
-                candidates.append(self.check(reply, asked[node], memory))
-            except Rejected as err:
-                refuse(node, clean(err))
-        for node in asked:
-            if node not in answered:
-                failed.append(entry(node, "no reply"))
-                log.warning("  %s: no reply this round", asked[node].shown)
-        bound = norm_bound(self.accepted_norms, [c.norm for c in candidates], self.server.update_norm_factor,
-                           self.server.max_update_norm)
-        accepted = []
-        for c in candidates:
-            try:
-                check_norm(c.norm, bound)
-            except Rejected as err:
-                refuse(c.node, str(err))
-                continue
-            accepted.append(c)
-        self.accepted_norms += [c.norm for c in accepted]
-        return accepted, rejected, failed
 
 
 def train_message(plan: RunPlan, memory, span: tuple[float, float], server_round: int, fp: str, manifest: dict,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import unicodedata
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,20 +152,33 @@ def _base_for(memory_dir: Path, snapshot: Path, made_for: str | None, base: str 
     raise MemoryFormatError(f"{memory_dir}: its base model {named!r} is not on this machine; pass --base DIR")
 
 
-def load_with_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu", trust=None):
-    """(base model + memory adapter, tokenizer, base-only model factory) for ask/eval.
+@dataclass(frozen=True)
+class VerifiedMemory:
+    """A private copy of a memory that passed verification, and what it was checked against."""
+
+    path: Path  # the copy: read this, not the original, which may change at any time
+    base_dir: str
+    manifest: dict  # its fedmem.json ({} for a plain PEFT adapter)
+    weights_sha256: str  # of its adapter weights: the memory's version
+    signed_by: str | None  # key fingerprint of its signer, None when unsigned
+
+
+@contextmanager
+def verified_copy(memory_dir: str | Path, base: str | None = None, trust=None) -> Iterator[VerifiedMemory]:
+    """A verified private copy of a memory, for as long as the ``with`` block lasts.
 
     The memory is verified (``fedmem.memory.verify_memory``) against ``trust`` (default:
     ``fedmem.signing.trust_for_user()``: refused when tampered with, signed by an untrusted key,
-    or unsigned where a signature is required), then copied into a private temporary directory,
-    checked again there and loaded from that copy, so what is loaded is what was verified. The
-    base comes from --base, else from the adapter's own ``base_model_name_or_path``, else the
-    embedded model if it is the memory's; its fingerprint must be the one the memory was made for.
+    or unsigned where a signature is required), then copied into a private temporary directory
+    and checked again there, so what is used is what was verified (a memory replaced while it is
+    read is refused, never half-used). The base comes from --base, else from the adapter's own
+    ``base_model_name_or_path``, else the embedded model if it is the memory's; its fingerprint
+    must be the one the memory was made for.
     """
     import tempfile
 
-    from peft import PeftModel  # imported where used: peft costs every CLI start ~4 s (fedmem/lora.py)
-
+    from .lora import ADAPTER_WEIGHTS
+    from .memory import sha256_file
     from .signing import Trust, copy_memory, read_signature, trust_for_user
 
     memory_dir = Path(memory_dir)
@@ -171,19 +186,43 @@ def load_with_memory(memory_dir: str | Path, base: str | None = None, device: st
     verify_memory(memory_dir, trust=trust)  # messages name the memory as given; the copy is checked again
     with tempfile.TemporaryDirectory(prefix="fedmem-memory-") as private:
         snapshot = Path(private) / "memory"
-        copy_memory(memory_dir, snapshot, durable=False)
         try:
+            copy_memory(memory_dir, snapshot, durable=False)
             signature = read_signature(snapshot)
             if signature is not None:
                 verify_memory(snapshot, trust=Trust(trust.keys, required=True))
             else:
                 verify_memory(snapshot, require_signature=False)
-        except MemoryFormatError as err:
-            raise MemoryFormatError(f"{memory_dir} changed while it was being loaded ({err})") from None
+        except (OSError, MemoryFormatError) as err:
+            raise MemoryFormatError(f"{memory_dir} changed while it was being read ({err})") from None
         manifest = read_manifest(snapshot)
         signed_base = signature.base_fingerprint if signature else None
         base_dir = _base_for(memory_dir, snapshot, signed_base or manifest.get("base_fingerprint"), base)
         check_base(memory_dir, manifest, fingerprint(base_dir), signed_base, signed=signature is not None)
-        model = PeftModel.from_pretrained(load_model(base_dir, device), str(snapshot))
+        yield VerifiedMemory(snapshot, base_dir, manifest, sha256_file(snapshot / ADAPTER_WEIGHTS),
+                             signature.fingerprint if signature is not None else None)
+
+
+@dataclass
+class LoadedMemory:
+    """A verified memory on its base model, as loaded: what ``fedmem ask``, ``eval`` and ``serve`` use."""
+
+    model: object  # the PeftModel: base model + memory adapter
+    tokenizer: object
+    memory: VerifiedMemory  # what was loaded (its ``path`` is gone once loaded)
+
+
+def load_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu", trust=None) -> LoadedMemory:
+    """Base model + memory adapter, from a verified copy of the memory (``verified_copy``)."""
+    from peft import PeftModel  # imported where used: peft costs every CLI start ~4 s (fedmem/lora.py)
+
+    with verified_copy(memory_dir, base, trust) as memory:
+        model = PeftModel.from_pretrained(load_model(memory.base_dir, device), str(memory.path))
     model.eval()
-    return model, load_tokenizer(base_dir), base_dir
+    return LoadedMemory(model, load_tokenizer(memory.base_dir), memory)
+
+
+def load_with_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu", trust=None):
+    """(base model + memory adapter, tokenizer, base model directory): ``load_memory`` in short."""
+    loaded = load_memory(memory_dir, base, device, trust)
+    return loaded.model, loaded.tokenizer, loaded.memory.base_dir

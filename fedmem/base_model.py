@@ -43,7 +43,7 @@ def pick_device(requested: str = "auto") -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
-def _embedded_gguf() -> Path:
+def embedded_gguf() -> Path:
     # find_spec does not execute the package: its __init__ imports `llm`, which we do not install.
     spec = importlib.util.find_spec(_GGUF_PACKAGE)
     if spec is None or not spec.submodule_search_locations:
@@ -91,7 +91,7 @@ def resolve_base(base: str | os.PathLike | None = None) -> Path:
     if base is None or str(base) == EMBEDDED:
         dest = embedded_dir()
         if not (dest / "config.json").is_file():
-            _convert_gguf(_embedded_gguf(), dest)
+            _convert_gguf(embedded_gguf(), dest)
         return dest
     path = Path(base).expanduser().resolve()
     if not (path / "config.json").is_file():

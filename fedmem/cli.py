@@ -125,6 +125,53 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def cmd_serve(args) -> int:
+    import os
+
+    from .serving.openai_api import ServeOptions
+    from .serving.run import ServePlan, serve
+
+    api_key = None
+    if args.api_key_file is not None:
+        try:
+            api_key = args.api_key_file.read_text().strip()
+        except OSError as err:
+            raise ValueError(f"--api-key-file {args.api_key_file}: {err}") from None
+        if not api_key:
+            raise ValueError(f"--api-key-file {args.api_key_file}: empty")
+    api_key = api_key or os.environ.get("FEDMEM_API_KEY") or None
+    plan = ServePlan(memory=args.memory, follow=args.follow, base=args.base, device=args.device, host=args.host,
+                     port=args.port, max_batch=args.max_batch, batch_wait_s=args.batch_wait_ms / 1000,
+                     batch_max_wait_s=args.batch_max_wait_ms / 1000,
+                     poll_interval_s=args.poll_interval)
+    options = ServeOptions(memory_name=args.name, base_name=args.base_name, max_tokens_default=args.max_tokens,
+                           max_tokens_limit=max(args.max_tokens, args.max_tokens_limit),
+                           max_prompt_tokens=args.max_prompt_tokens, api_key=api_key)
+    if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
+        log.warning("serving on %s without an API key: anyone who can reach it can ask (--api-key-file FILE)",
+                    args.host)
+    serve(plan, options, trust_from_args(args))
+    return 0
+
+
+def cmd_export(args) -> int:
+    from .export import export_gguf, export_merged
+
+    if not (args.merged or args.gguf or args.merged_gguf):
+        raise ValueError("fedmem export: say what to write: --merged OUT, --gguf OUT and/or --merged-gguf OUT")
+    trust = trust_from_args(args)
+    if args.merged:
+        record = export_merged(args.memory, args.merged, args.base, trust)
+        print(f"merged model: {args.merged}  (memory round {record['round']}, sha256 {record['memory_sha256'][:16]})")
+    if args.gguf:
+        summary = export_gguf(args.memory, args.gguf, args.base, trust)
+        print(f"GGUF LoRA adapter: {args.gguf}  ({summary.get('tensors', '?')} tensors)")
+    if args.merged_gguf:
+        export_gguf(args.memory, args.merged_gguf, args.base, trust, merged=True, base_gguf=args.base_gguf)
+        print(f"merged GGUF model: {args.merged_gguf}")
+    return 0
+
+
 def cmd_bench(args) -> int:
     # The benchmarks are a package of their own that the core never imports; loaded only here.
     from .bench.cli import main as bench_main
@@ -169,6 +216,62 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", type=Path, default=None, help="also write per-question results here")
     add_trust_arguments(p)
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser(
+        "serve",
+        parents=common,
+        help="serve the memory over an OpenAI-compatible HTTP API",
+        description="Serve base model + memory as an OpenAI-compatible HTTP API (/v1/chat/completions, "
+        "/v1/models, /health). The model named --name (fedmem) answers with the memory, the base model's "
+        "name without it. Concurrent requests are batched. See docs/serving.md.",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--memory", type=Path, help="memory adapter directory to serve as it is now")
+    which.add_argument("--follow", type=Path, metavar="DIR",
+                       help="a memory directory that later versions replace (runs/demo/memory, a client's pulled "
+                       "memory): each new version is served once complete and verified, without a restart")
+    p.add_argument("--base", default=None, help="base model directory (default: the one the memory names)")
+    p.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (default: %(default)s)")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: %(default)s)")
+    p.add_argument("--port", type=int, default=8000, help="(default: %(default)s)")
+    p.add_argument("--name", default="fedmem", help="model name that answers with the memory (default: %(default)s)")
+    p.add_argument("--base-name", default=None, help="model name that answers without it (default: the base "
+                   "model directory's name)")
+    p.add_argument("--max-batch", type=int, default=16, help="most requests generated together (default: %(default)s)")
+    p.add_argument("--batch-wait-ms", type=float, default=10.0,
+                   help="a batch keeps gathering requests while each comes within this of the one before "
+                   "(default: %(default)s)")
+    p.add_argument("--batch-max-wait-ms", type=float, default=100.0,
+                   help="... but waits no longer than this in all (default: %(default)s)")
+    p.add_argument("--max-tokens", type=int, default=256, help="reply length when a request gives none "
+                   "(default: %(default)s)")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for "
+                   "(default: %(default)s)")
+    p.add_argument("--max-prompt-tokens", type=int, default=2048, help="(default: %(default)s)")
+    p.add_argument("--poll-interval", type=float, default=1.0, help="--follow: seconds between looks at DIR "
+                   "(default: %(default)s)")
+    p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                   help="require 'Authorization: Bearer <key>' with the key in FILE (or $FEDMEM_API_KEY)")
+    add_trust_arguments(p)
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser(
+        "export",
+        parents=common,
+        help="export the memory: a merged Hugging Face model, a GGUF LoRA, a merged GGUF",
+        description="Write the memory in forms other tools serve without fedmem. See docs/serving.md.",
+    )
+    p.add_argument("--memory", type=Path, required=True, help="memory adapter directory")
+    p.add_argument("--base", default=None, help="base model directory (default: the one the memory names)")
+    p.add_argument("--merged", type=Path, metavar="OUT", help="write base + memory as one Hugging Face model "
+                   "directory (tokenizer and chat template included)")
+    p.add_argument("--gguf", type=Path, metavar="OUT", help="write a GGUF LoRA adapter for llama.cpp (--lora)")
+    p.add_argument("--merged-gguf", type=Path, metavar="OUT", help="write a whole GGUF model with the memory "
+                   "merged in (needs the base model's GGUF: the embedded model's, or --base-gguf)")
+    p.add_argument("--base-gguf", type=Path, default=None, metavar="FILE", help="the base model's GGUF file "
+                   "for --merged-gguf (default: the embedded model's, when that is the base)")
+    add_trust_arguments(p)
+    p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("bench", add_help=False, help="benchmarks: `fedmem bench answer|quality --help`")
     p.add_argument("bench_args", nargs=argparse.REMAINDER)

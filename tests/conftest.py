@@ -70,6 +70,29 @@ def fine_tuned_copy(base: Path, path: Path) -> Path:
     return path
 
 
+LINEAR_LAYERS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def write_random_memory(base: Path, path: Path, seed: int = 0, scale: float = 0.05, rank: int = 2,
+                        manifest: dict | None = None) -> dict:
+    """A memory for ``base`` (saved as fedmem saves one): random rank-``rank`` factors on every
+    linear layer; returns its manifest."""
+    import torch
+
+    from fedmem.base_model import fingerprint, load_model
+    from fedmem.memory import save_memory
+
+    model = load_model(base)
+    gen = torch.Generator().manual_seed(seed)
+    factors = {}
+    for name, module in model.named_modules():
+        if name.endswith(LINEAR_LAYERS):
+            out_f, in_f = module.weight.shape
+            factors[name] = (torch.randn(out_f, rank, generator=gen) * scale,
+                             torch.randn(rank, in_f, generator=gen) * scale)
+    return save_memory(path, factors, base, {"base_fingerprint": fingerprint(base), **(manifest or {})})
+
+
 def write_corpus(root: Path, facts: list[tuple[str, str]], qa: list[tuple[str, str]] = ()) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "notes.md").write_text("# Notes\n\n" + " ".join(s for s, _ in facts) + "\n")

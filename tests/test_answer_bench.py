@@ -3,29 +3,21 @@
 import json
 
 import pytest
-import torch
+from conftest import write_random_memory
 
 from fedmem.answer import Question, is_correct
-from fedmem.base_model import fingerprint, load_model, load_tokenizer
+from fedmem.base_model import load_model, load_tokenizer
 from fedmem.bench.answer import ARMS, select_questions
 from fedmem.bench.cli import main
 from fedmem.bench.context import ContextBuilder, filler_documents, prompt_text
 from fedmem.bench.timing import timed_generate
-from fedmem.memory import save_memory
 
 
 @pytest.fixture(scope="module")
 def tiny_memory(tiny_base, tmp_path_factory):
     """A memory for the tiny Llama: random rank-2 factors on every linear layer."""
-    model = load_model(tiny_base)
-    gen = torch.Generator().manual_seed(0)
-    factors = {}
-    for name, module in model.named_modules():
-        if name.endswith(("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")):
-            out_f, in_f = module.weight.shape
-            factors[name] = (torch.randn(out_f, 2, generator=gen) * 0.05, torch.randn(2, in_f, generator=gen) * 0.05)
     path = tmp_path_factory.mktemp("mem") / "memory"
-    save_memory(path, factors, tiny_base, {"base_fingerprint": fingerprint(tiny_base)})
+    write_random_memory(tiny_base, path)
     return path
 
 

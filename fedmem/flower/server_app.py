@@ -285,6 +285,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         _append_jsonl(metrics_path, {"round": 0, "recall": before.accuracy, "recall_by_source": before.by_source})
 
     roster = Roster(grid, plan)
+    latest_saved = False
     for rnd in range(done + 1, cfg.rounds + 1):
         started = time.perf_counter()
         nodes = _wait_for_nodes(grid, plan, roster)
@@ -371,13 +372,18 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         _append_jsonl(metrics_path, record)
         save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest,
                     signing_key=signing_key)
+        # memory/ is always the newest round's memory, so `fedmem serve --follow OUT/memory` serves each
+        # round as it lands; the rounds/ checkpoint above is what a resumed run trusts.
+        save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
+        latest_saved = True
         if plan.publish:
             files = signed_files(out / "rounds" / f"round-{rnd:03d}")
         log.info("%s (%.0fs)", line, record["seconds"])
         summary["rounds"].append(record)
     if memory is None:
         raise RuntimeError("no round was completed, so there is no memory to save")
-    save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
+    if not latest_saved:  # a resumed run that had nothing left to do
+        save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if plan.publish:
         _publish(grid, roster.admitted(grid.get_node_ids()), memory, manifest, plan, signed_files(out / "memory"))

@@ -1,0 +1,336 @@
+"""``fedmem serve``: the OpenAI-compatible endpoint over real HTTP on loopback, with the openai
+client; batching, streaming, live version swaps under load, and refusals of bad requests."""
+
+from __future__ import annotations
+
+import json
+import socket
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from conftest import write_random_memory
+
+from fedmem.answer import generate_answers
+from fedmem.base_model import load_tokenizer
+from fedmem.memory import sha256_file
+from fedmem.serving.batcher import Batcher, Job, RowFollower, Sink, _sendable
+from fedmem.serving.engines import Engine
+from fedmem.serving.openai_api import ServeOptions
+from fedmem.serving.run import ServePlan, build
+
+QUESTION = "Who keeps the harbour lamp lit?"
+MAX_TOKENS = 12
+
+
+class Server:
+    """``fedmem serve``'s app under a real uvicorn on a free loopback port, in this process."""
+
+    def __init__(self, plan: ServePlan, options: ServeOptions | None = None):
+        self.options = options or ServeOptions()
+        self.app, self.batcher, self.follower = build(plan, self.options, trust=None)
+        sock = socket.socket()
+        sock.bind(("127.0.0.1", 0))
+        self.url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+        self.server = uvicorn.Server(uvicorn.Config(self.app, log_config=None, lifespan="off", ws="none"))
+        self.thread = threading.Thread(target=self.server.run, kwargs={"sockets": [sock]}, daemon=True)
+
+    def __enter__(self) -> Server:
+        self.batcher.start()
+        if self.follower is not None:
+            self.follower.start()
+        self.thread.start()
+        deadline = time.monotonic() + 30
+        while not self.server.started:
+            assert time.monotonic() < deadline, "server did not start"
+            time.sleep(0.02)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+        if self.follower is not None:
+            self.follower.stop()
+        self.batcher.stop()
+
+    def client(self, **kwargs) -> openai.OpenAI:
+        return openai.OpenAI(base_url=self.url + "/v1", api_key=kwargs.pop("api_key", "unused"), max_retries=0,
+                             **kwargs)
+
+
+def ask(client: openai.OpenAI, model: str, question: str = QUESTION, **kwargs):
+    return client.chat.completions.create(model=model, messages=[{"role": "user", "content": question}],
+                                          max_tokens=MAX_TOKENS, **kwargs)
+
+
+def expected_reply(engine_model, tokenizer, question: str = QUESTION) -> str:
+    """What ``fedmem ask`` says with these weights: the reference the endpoint must match."""
+    return generate_answers(engine_model, tokenizer, [question], max_new_tokens=MAX_TOKENS)[0]
+
+
+@pytest.fixture(scope="module")
+def memories(tiny_base, tmp_path_factory):
+    """Two versions of a memory for the tiny Llama, different enough to answer differently."""
+    root = tmp_path_factory.mktemp("memories")
+    write_random_memory(tiny_base, root / "v1", seed=1, scale=0.3, manifest={"round": 1})
+    write_random_memory(tiny_base, root / "v2", seed=2, scale=0.3, manifest={"round": 2})
+    return root
+
+
+def test_chat_completions_answer_as_fedmem_ask_does(tiny_base, memories):
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base))) as server:
+        client = server.client()
+        models = {m.id: m for m in client.models.list().data}
+        assert set(models) == {"fedmem", tiny_base.name}
+        version = models["fedmem"].model_extra["fedmem_version"]
+        assert version["round"] == 1
+        assert version["sha256"] == sha256_file(memories / "v1" / "adapter_model.safetensors")
+
+        reply = ask(client, "fedmem")
+        base_reply = ask(client, tiny_base.name)
+        memory_engine = server.app.state.memory_slot.get()
+        tokenizer = load_tokenizer(str(tiny_base))
+        assert reply.choices[0].message.content == expected_reply(memory_engine.model, tokenizer)
+        assert base_reply.choices[0].message.content == expected_reply(server.app.state.base_engine.model, tokenizer)
+        assert reply.choices[0].message.content != base_reply.choices[0].message.content
+        assert reply.system_fingerprint.startswith("fedmem-r1-")
+        assert reply.usage.completion_tokens <= MAX_TOKENS and reply.usage.prompt_tokens > 5
+        assert reply.choices[0].finish_reason in ("stop", "length")
+
+        # Streamed: the same text, in pieces, ending with a finish reason and the usage.
+        stream = client.chat.completions.create(model="fedmem", messages=[{"role": "user", "content": QUESTION}],
+                                                max_tokens=MAX_TOKENS, stream=True,
+                                                stream_options={"include_usage": True})
+        chunks = list(stream)
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert text == reply.choices[0].message.content
+        assert sum(1 for c in chunks if c.choices and c.choices[0].delta.content) > 1
+        assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == reply.choices[0].finish_reason
+        assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
+
+
+def test_concurrent_requests_are_batched(tiny_base, memories):
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base), batch_wait_s=0.2)) as server:
+        client = server.client()
+        with ThreadPoolExecutor(8) as pool:
+            replies = list(pool.map(lambda _: ask(client, "fedmem").choices[0].message.content, range(8)))
+        assert len(set(replies)) == 1  # the same question, greedy: the same answer in every row
+        assert server.batcher.rows == 8 and server.batcher.batches < 8
+
+
+def test_follow_swaps_versions_under_load_without_losing_or_mixing(tiny_base, memories, tmp_path):
+    live = tmp_path / "memory"
+    write_random_memory(tiny_base, live, seed=1, scale=0.3, manifest={"round": 1})
+    with Server(ServePlan(follow=live, base=str(tiny_base), poll_interval_s=0.1)) as server:
+        client = server.client()
+        tokenizer = load_tokenizer(str(tiny_base))
+        expected = {server.app.state.memory_slot.get().fingerprint:
+                    expected_reply(server.app.state.memory_slot.get().model, tokenizer)}
+        results, errors, stop = [], [], threading.Event()
+
+        def keep_asking():
+            while not stop.is_set():
+                try:
+                    r = ask(client, "fedmem")
+                    results.append((r.system_fingerprint, r.choices[0].message.content))
+                except Exception as err:  # noqa: BLE001 - every failure is what the test counts
+                    errors.append(err)
+
+        workers = [threading.Thread(target=keep_asking) for _ in range(4)]
+        for w in workers:
+            w.start()
+        time.sleep(0.5)
+        swapped_at = time.monotonic()
+        write_random_memory(tiny_base, live, seed=2, scale=0.3, manifest={"round": 2})  # replaced whole
+        new_sha = sha256_file(live / "adapter_model.safetensors")
+        while True:
+            version = client.models.list().data[0].model_extra["fedmem_version"]
+            if version["sha256"] == new_sha:
+                break
+            assert time.monotonic() - swapped_at < 20, "the new version was not picked up"
+            time.sleep(0.05)
+        picked_up = time.monotonic() - swapped_at
+        time.sleep(0.5)
+        stop.set()
+        for w in workers:
+            w.join()
+        new_engine = server.app.state.memory_slot.get()
+        expected[new_engine.fingerprint] = expected_reply(new_engine.model, tokenizer)
+
+    assert not errors
+    assert len(set(expected.values())) == 2
+    seen = {fp for fp, _ in results}
+    assert seen == set(expected), seen
+    for fp, text in results:
+        assert text == expected[fp]  # each reply wholly from the version it names
+    assert picked_up < 10
+
+
+def test_follow_keeps_serving_through_a_broken_version(tiny_base, memories, tmp_path):
+    live = tmp_path / "memory"
+    with Server(ServePlan(follow=live, base=str(tiny_base), poll_interval_s=0.05)) as server:
+        client = server.client()
+        with pytest.raises(openai.APIStatusError) as err:
+            ask(client, "fedmem")
+        assert err.value.status_code == 503 and "no memory loaded yet" in err.value.message
+        assert ask(client, tiny_base.name).choices[0].message.content  # the base model answers meanwhile
+
+        write_random_memory(tiny_base, live, seed=1, scale=0.3, manifest={"round": 1})
+        deadline = time.monotonic() + 20
+        while server.app.state.memory_slot.get() is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        first = server.app.state.memory_slot.get().fingerprint
+
+        weights = live / "adapter_model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:-100] + b"\0" * 100)  # corrupted in place
+        deadline = time.monotonic() + 20
+        while not server.follower.last_error:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+        assert "checksum" in server.follower.last_error
+        assert ask(client, "fedmem").system_fingerprint == first
+        health = httpx.get(server.url + "/health").json()
+        assert health["memory_version"] == first and "checksum" in health["follow"]["last_error"]
+
+
+def test_bad_requests_are_refused_with_openai_errors(tiny_base, memories):
+    options = ServeOptions(max_tokens_limit=64, max_prompt_tokens=64, max_body_bytes=4096, api_key="s3cret")
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base)), options) as server:
+        with pytest.raises(openai.AuthenticationError):
+            ask(server.client(api_key="wrong"), "fedmem")
+        client = server.client(api_key="s3cret")
+        assert ask(client, "fedmem").choices[0].message.content
+
+        def refused(status: int, **body) -> dict:
+            payload = {"model": "fedmem", "messages": [{"role": "user", "content": "hi"}], **body}
+            r = httpx.post(server.url + "/v1/chat/completions", json=payload,
+                           headers={"Authorization": "Bearer s3cret"})
+            assert r.status_code == status, r.text
+            return r.json()["error"]
+
+        assert "does not exist" in refused(404, model="gpt-4")["message"]
+        assert refused(400, max_tokens=65)["param"] == "max_tokens"
+        assert "messages" in refused(400, messages=[{"role": "wizard", "content": "hi"}])["message"]
+        assert "messages" in refused(400, messages=[])["message"]
+        assert "n" in refused(400, n=2)["message"]
+        assert "temperature" in refused(400, temperature=-1)["message"]
+        assert refused(400, messages=[{"role": "user", "content": "word " * 60}])["param"] == "messages"
+        assert refused(400, stop=["a", "b", "c", "d", "e"])["param"] == "stop"
+        assert refused(413, messages=[{"role": "user", "content": "x" * 5000}])["code"] == "request_too_large"
+        # The same, without a Content-Length: a chunked body is counted as it arrives.
+        body = json.dumps({"model": "fedmem", "messages": [{"role": "user", "content": "x" * 5000}]}).encode()
+        r = httpx.post(server.url + "/v1/chat/completions", content=iter([body[:2000], body[2000:]]),
+                       headers={"Authorization": "Bearer s3cret", "Content-Type": "application/json"})
+        assert r.status_code == 413
+        r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json",
+                       headers={"Authorization": "Bearer s3cret", "Content-Type": "application/json"})
+        assert r.status_code == 400
+        assert ask(client, "fedmem").choices[0].message.content  # still serving
+
+
+def test_a_client_that_goes_away_mid_stream_frees_its_row(tiny_base, memories):
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base))) as server:
+        payload = {"model": "fedmem", "messages": [{"role": "user", "content": QUESTION}], "max_tokens": 500,
+                   "stream": True}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=payload) as r:
+            for line in r.iter_lines():
+                if '"content": "' in line and '"content": ""' not in line:
+                    break  # hang up after the first piece of text
+        started = time.monotonic()
+        assert ask(server.client(), "fedmem").choices[0].message.content
+        assert time.monotonic() - started < 30
+
+
+# --- The row follower on its own: stop strings, held-back text, end of turn -----------------
+
+
+class Collect(Sink):
+    def __init__(self):
+        self.pieces, self.finished, self.errors = [], None, []
+
+    def on_text(self, text):
+        self.pieces.append(text)
+
+    def on_finish(self, reason, completion_tokens):
+        self.finished = (reason, completion_tokens)
+
+    def on_error(self, message):
+        self.errors.append(message)
+
+
+def follow_tokens(tokenizer, text: str, stop=(), max_tokens=100, then: list[int] = ()) -> Collect:
+    import torch
+
+    engine = Engine("t", model=None, tokenizer=tokenizer)
+    sink = Collect()
+    follower = RowFollower([Job(engine, [1], max_tokens, sink, stop=tuple(stop))],
+                           stop_ids=[tokenizer.convert_tokens_to_ids("<|im_end|>")], end_of_turn="<|im_end|>")
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + list(then)
+    for token in ids:
+        if follower.done[0]:
+            break
+        follower(torch.tensor([[token]]), None)
+    follower.close()
+    return sink
+
+
+def test_row_follower_streams_and_stops_where_it_should(real_base_dir):
+    tok = load_tokenizer(str(real_base_dir))
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    sink = follow_tokens(tok, "  The lamp is kept by Ada Brill.  ", then=[end])
+    assert "".join(sink.pieces) == "The lamp is kept by Ada Brill." and sink.finished[0] == "stop"
+    assert len(sink.pieces) > 3  # streamed, not all at once
+
+    sink = follow_tokens(tok, "Ada Brill. Question: who else?", stop=["Question:"])
+    assert "".join(sink.pieces) == "Ada Brill." and sink.finished[0] == "stop"
+    assert not any("Quest" in p for p in sink.pieces)  # a stop string's beginning is never sent
+
+    sink = follow_tokens(tok, "one two three four five six", max_tokens=3)
+    assert sink.finished == ("length", 3) and "".join(sink.pieces) == "one two three"
+
+
+@pytest.mark.parametrize("text,stops,sendable", [("abc Que", ("Question",), 3), ("abc  ", (), 3),
+                                                 ("abc", ("x",), 3), ("ab\ufffd", (), 2), ("a Q b", ("Q:",), 5)])
+def test_sendable_text(text, stops, sendable):
+    assert _sendable(text, stops) == sendable
+
+
+def test_batcher_tells_every_request_when_generation_fails(tiny_base):
+    from fedmem.serving.engines import load_base_engine
+
+    engine = load_base_engine("tiny", str(tiny_base), "cpu")
+    batcher = Batcher(max_batch=4, wait_s=0.05).start()
+    try:
+        sinks = [Collect() for _ in range(3)]
+        for sink in sinks:  # a token id past the vocabulary: the model itself fails on it
+            batcher.submit(Job(engine, [1, 10**9], 4, sink))
+        deadline = time.monotonic() + 10
+        while not all(s.errors for s in sinks):
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        good = Collect()
+        batcher.submit(Job(engine, [1, 2, 3], 4, good))  # and the worker carries on
+        while good.finished is None:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+    finally:
+        batcher.stop()
+    assert all("generation failed" in s.errors[0] for s in sinks)
+    assert good.finished[1] == 4 or good.finished[0] == "stop"
+
+
+def test_serve_and_export_command_lines(tmp_path, capsys):
+    from fedmem.cli import build_parser, main
+
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--memory", "a", "--follow", "b"])
+    assert main(["export", "--memory", str(tmp_path)]) == 2
+    assert "--merged OUT" in capsys.readouterr().err
+    assert main(["serve", "--memory", str(tmp_path / "nothing")]) == 2
+    assert "not a memory adapter" in capsys.readouterr().err
+

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.clientapp.typing import Mod
 
 from fedmem.base_model import pick_device, resolve_base
 from fedmem.client_policy import PolicyRefused, enforce_policy, policy_from_node_config
@@ -86,10 +87,12 @@ def keep_memory(msg: Message, context: Context, base: str) -> None:
                     pinned, state / PINNED_KEY)
 
 
-def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | None = None) -> ClientApp:
+def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | None = None,
+                    mods: list[Mod] | None = None) -> ClientApp:
     """The ClientApp. Deployed, the node config says where the corpus is (``data``) and this
-    machine's settings; in simulation, ``corpus_dirs[partition-id]`` and ``node``."""
-    app = ClientApp()
+    machine's settings; in simulation, ``corpus_dirs[partition-id]`` and ``node``. ``mods``:
+    Flower client mods around every handler (the privacy audit records the replies with one)."""
+    app = ClientApp(mods=mods)
 
     def corpus_dir(context: Context) -> Path:
         if "data" in context.node_config:
@@ -129,7 +132,9 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
         content = RecordDict({
             UPDATE_KEY: factors_to_record(result.factors),
             METRICS_KEY: metrics_to_record(result.metrics),
-            INFO_KEY: ConfigRecord({"client": name, "base_fingerprint": mine}),
+            # No name: the coordinator knows the owner by its admitted key (deployed) or by what it
+            # was told when it asked (the query below); the corpus directory's name is the owner's own.
+            INFO_KEY: ConfigRecord({"base_fingerprint": mine}),
         })
         return Message(content=content, reply_to=msg)
 

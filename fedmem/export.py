@@ -34,9 +34,20 @@ def _check_destination(out: Path, is_dir: bool) -> None:
         return
     if is_dir and out.is_dir() and ((out / EXPORT_RECORD).is_file() or not any(out.iterdir())):
         return
-    if not is_dir and out.is_file() and out.suffix == ".gguf":
+    if not is_dir and out.is_file() and _is_fedmem_gguf(out):
         return
     raise ValueError(f"{out}: exists and is not an earlier fedmem export; choose a new path or remove it")
+
+
+def _is_fedmem_gguf(path: Path) -> bool:
+    from gguf import GGUFReader
+
+    from .gguf_export import EXPORT_KEY
+
+    try:
+        return EXPORT_KEY in GGUFReader(path).fields
+    except Exception:  # not a GGUF file at all (the reader raises what it likes on garbage)
+        return False
 
 
 def _record(memory) -> dict:

@@ -40,6 +40,8 @@ _SUPPORTED = {"LlamaForCausalLM": "LLAMA"}
 # questions, scripts/check_gguf_llamacpp.py): F16 and F32 gave the same 24 replies, at 244 MB
 # against 457 MB (the Q4_1 base is 98 MB).
 MERGED_TYPE = "F16"
+# Marks a file as a fedmem export, so ``fedmem export`` replaces only its own earlier output.
+EXPORT_KEY = "fedmem.export"
 # A base GGUF whose weight differs from base_dir's by more than this (relative Frobenius) is another
 # model: Q4 quantisation error is ~0.1, an unrelated weight of the same scale ~1.4.
 _SAME_WEIGHT_TOLERANCE = 0.5
@@ -221,6 +223,7 @@ def write_gguf_lora(memory_dir: Path, base_dir: Path, out: Path) -> dict:
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         writer.add_type(gguf.GGUFType.ADAPTER)
         writer.add_name("fedmem memory")
+        writer.add_string(EXPORT_KEY, "lora")
         writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
         writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
         writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
@@ -334,11 +337,12 @@ def write_merged_gguf(memory_dir: Path, base_dir: Path, base_gguf: Path, out: Pa
         writer = gguf.GGUFWriter(tmp, gguf.MODEL_ARCH_NAMES[arch])
         for field in reader.fields.values():
             # GGUF.* are the header's counts, read as fields; the writer adds the architecture itself.
-            if field.name.startswith("GGUF.") or field.name == gguf.Keys.General.ARCHITECTURE:
+            if field.name.startswith("GGUF.") or field.name in (gguf.Keys.General.ARCHITECTURE, EXPORT_KEY):
                 continue
             vtype = field.types[0]
             sub_type = field.types[-1] if vtype == gguf.GGUFValueType.ARRAY else None
             writer.add_key_value(field.name, field.contents(), vtype, sub_type=sub_type)
+        writer.add_string(EXPORT_KEY, "merged")
         writer.data_alignment = reader.alignment
         for t in reader.tensors:
             if t.name in by_name:

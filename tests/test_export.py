@@ -91,3 +91,21 @@ def test_export_refuses_a_tampered_memory(tiny_base, memory, tmp_path):
     with pytest.raises(MemoryFormatError, match="checksum"):
         export_merged(bad, tmp_path / "out", base=str(tiny_base))
     assert not (tmp_path / "out").exists()
+
+
+def test_gguf_export_replaces_only_its_own_earlier_file(tiny_base, memory, tmp_path):
+    from gguf import GGUFReader
+
+    from fedmem.export import export_gguf
+    from fedmem.gguf_export import EXPORT_KEY
+
+    out = tmp_path / "memory.gguf"
+    summary = export_gguf(memory, out, base=str(tiny_base))
+    assert summary["round"] == 4 and EXPORT_KEY in GGUFReader(out).fields
+    export_gguf(memory, out, base=str(tiny_base))  # its own earlier output: replaced
+
+    someone_elses = tmp_path / "model.gguf"  # e.g. the base model's own GGUF, passed by mistake
+    someone_elses.write_bytes(b"GGUF not ours")
+    with pytest.raises(ValueError, match="not an earlier fedmem export"):
+        export_gguf(memory, someone_elses, base=str(tiny_base))
+    assert someone_elses.read_bytes() == b"GGUF not ours"

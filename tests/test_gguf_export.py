@@ -13,7 +13,7 @@ import torch
 gguf = pytest.importorskip("gguf")
 
 from fedmem import gguf_export  # noqa: E402
-from fedmem.gguf_export import write_gguf_lora, write_merged_gguf  # noqa: E402
+from fedmem.gguf_export import EXPORT_KEY, write_gguf_lora, write_merged_gguf  # noqa: E402
 
 N_HEAD, N_KV = 4, 2  # tiny_base's heads: n_head != n_kv_head, so q and k permute differently
 LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -179,7 +179,9 @@ def test_merged_gguf_is_base_plus_delta_and_copies_the_rest(tiny_base, tmp_path)
     base_gguf = _tiny_base_gguf(tiny_base, tmp_path / "base.gguf")
     summary = write_merged_gguf(tmp_path / "memory", tiny_base, base_gguf, tmp_path / "merged.gguf")
     base, merged = gguf.GGUFReader(base_gguf), gguf.GGUFReader(tmp_path / "merged.gguf")
-    assert _fields(tmp_path / "merged.gguf") == _fields(base_gguf)
+    merged_fields = _fields(tmp_path / "merged.gguf")
+    assert merged_fields.pop(EXPORT_KEY) == "merged"  # the one key added: marks fedmem's own output
+    assert merged_fields == _fields(base_gguf)
     assert [t.name for t in merged.tensors] == [t.name for t in base.tensors]
     hf = _hf_names()
     tolerance = {"F16": 2e-3, "F32": 1e-5}[summary["type"]]

@@ -203,6 +203,16 @@ def test_bad_requests_are_refused_with_openai_errors(tiny_base, memories):
     with Server(ServePlan(memory=memories / "v1", base=str(tiny_base)), options) as server:
         with pytest.raises(openai.AuthenticationError):
             ask(server.client(api_key="wrong"), "fedmem")
+        with pytest.raises(openai.AuthenticationError):
+            server.client(api_key="wrong").models.list()
+        # Without the key, a body is not even read: 401, not a validation error or a 413.
+        r = httpx.post(server.url + "/v1/chat/completions", content=b"{not json" + b"x" * 10000,
+                       headers={"Content-Type": "application/json"})
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        # /health tells anyone it is alive, and only a key holder which version it serves.
+        assert httpx.get(server.url + "/health").json() == {"status": "ok", "memory_loaded": True}
+        health = httpx.get(server.url + "/health", headers={"Authorization": "Bearer s3cret"}).json()
+        assert health["memory_version"].startswith("fedmem-r1-")
         client = server.client(api_key="s3cret")
         assert ask(client, "fedmem").choices[0].message.content
 

@@ -123,6 +123,27 @@ class BodyLimit:
         return await self.app(scope, replayed, send)
 
 
+class KeyGate:
+    """ASGI middleware: with an API key set, every ``/v1`` request needs ``Authorization: Bearer
+    <key>`` (compared in constant time), checked before its body is read or parsed (401)."""
+
+    def __init__(self, app, key: str | None):
+        self.app, self.key = app, key
+
+    def allowed(self, headers) -> bool:
+        if self.key is None:
+            return True
+        given = dict(headers or []).get(b"authorization", b"")
+        return hmac.compare_digest(given, f"Bearer {self.key}".encode())
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http" and scope["path"].startswith("/v1") and not self.allowed(scope.get("headers")):
+            refusal = APIError(401, "missing or wrong API key (Authorization: Bearer ...)",
+                               kind="authentication_error", code="invalid_api_key").response()
+            return await refusal(scope, receive, send)
+        return await self.app(scope, receive, send)
+
+
 class QueueSink(Sink):
     """A request's reply as events on an asyncio queue of the server's event loop (the batcher
     calls these on that loop's thread: ``fedmem.serving.batcher.deliver``)."""
@@ -148,6 +169,8 @@ def make_app(batcher: Batcher, base: Engine, memory: EngineSlot, options: ServeO
     live-update state for /health (``fedmem.serving.follow.MemoryFollower.status``)."""
     app = FastAPI(title="fedmem serve", docs_url=None, redoc_url=None)
     app.add_middleware(BodyLimit, limit=options.max_body_bytes)
+    app.add_middleware(KeyGate, key=options.api_key)  # added last: runs first, before the body is read
+    gate = KeyGate(None, options.api_key)
     app.state.base_engine, app.state.memory_slot = base, memory  # for operators' hooks and the tests
 
     @app.exception_handler(APIError)
@@ -160,14 +183,6 @@ def make_app(batcher: Batcher, base: Engine, memory: EngineSlot, options: ServeO
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
         message = f"{where or 'body'}: {first.get('msg', 'invalid request')}"
         return APIError(400, message, param=where or None).response()
-
-    def check_key(request: Request) -> None:
-        if options.api_key is None:
-            return
-        given = request.headers.get("authorization", "")
-        if not hmac.compare_digest(given.encode(), f"Bearer {options.api_key}".encode()):
-            raise APIError(401, "missing or wrong API key (Authorization: Bearer ...)", kind="authentication_error",
-                           code="invalid_api_key")
 
     def engine_for(name: str) -> Engine:
         if name == options.memory_name:
@@ -192,22 +207,22 @@ def make_app(batcher: Batcher, base: Engine, memory: EngineSlot, options: ServeO
     started = int(time.time())
 
     @app.get("/health")
-    async def health():
+    async def health(request: Request):
         engine = memory.get()
-        return {"status": "ok", "memory_loaded": engine is not None,
-                "memory_version": engine.fingerprint if engine else None,
+        state = {"status": "ok", "memory_loaded": engine is not None}
+        if not gate.allowed(request.scope.get("headers")):
+            return state  # liveness for anyone; which version, paths and errors only with the key
+        return {**state, "memory_version": engine.fingerprint if engine else None,
                 "follow": follow_status() if follow_status else None,
                 "queued": batcher.pending(), "batches": batcher.batches, "rows": batcher.rows}
 
     @app.get("/v1/models")
-    async def models(request: Request):
-        check_key(request)
+    async def models():
         return {"object": "list", "data": [model_card(options.memory_name, memory.get()),
                                            model_card(options.base_name, base)]}
 
     @app.post("/v1/chat/completions")
-    async def chat_completions(body: ChatRequest, request: Request):
-        check_key(request)
+    async def chat_completions(body: ChatRequest):
         engine = engine_for(body.model)  # the version is fixed here: a swap later does not touch this reply
         max_tokens = (body.max_completion_tokens or body.max_tokens
                       or min(options.max_tokens_default, options.max_tokens_limit))

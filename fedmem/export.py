@@ -15,13 +15,11 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from .answer import verified_copy
 from .base_model import load_model, load_tokenizer
-from .memory import fsync_tree, replace_dir
+from .memory import atomic_dir
 
 log = logging.getLogger(__name__)
 
@@ -68,17 +66,10 @@ def export_merged(memory_dir: str | os.PathLike, out: str | os.PathLike, base: s
         base_dir = memory.base_dir
     merged = model.merge_and_unload()
     merged.config._name_or_path = str(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp)
         load_tokenizer(str(base_dir)).save_pretrained(tmp)  # with its chat template
         (tmp / EXPORT_RECORD).write_text(json.dumps({"kind": "merged", **record}, indent=2))
-        fsync_tree(tmp)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("merged model written to %s", out)
     return record
 

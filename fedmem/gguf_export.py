@@ -19,17 +19,14 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import tempfile
 from collections import Counter
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from .lora import ADAPTER_CONFIG, read_peft_adapter
-from .memory import fsync_path
+from .memory import atomic_write_file
 
 log = logging.getLogger(__name__)
 
@@ -181,24 +178,6 @@ def _gguf_order(name: str) -> tuple:
 
 # --- Writing -----------------------------------------------------------------------------------
 
-def _write_atomically(out: Path, write: Callable[[Path], None]) -> int:
-    """``write(tmp)`` into a temporary file beside ``out``, fsync, rename over ``out``; its size."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        fsync_path(tmp)
-        os.chmod(tmp, 0o644)  # a model file, not a secret: mkstemp made it 0600
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_path(out.parent)
-    return out.stat().st_size
-
-
 def _llama_scale(alpha: float, rank: int) -> float:
     # llama_adapter_lora_weight::get_scale: alpha 0 means "no alpha", a scale of 1.
     return alpha / rank if alpha else 1.0
@@ -237,7 +216,7 @@ def write_gguf_lora(memory_dir: Path, base_dir: Path, out: Path) -> dict:
         writer.write_tensors_to_file()
         writer.close()
 
-    size = _write_atomically(out, write)
+    size = atomic_write_file(out, write, mode=0o644)  # a model file, not a secret
     log.info("wrote a llama.cpp LoRA adapter of %d modules (alpha %g) to %s (%d bytes)",
              len(updates), alpha, out, size)
     return {"path": str(out), "tensors": 2 * len(updates), "modules": len(updates), "alpha": alpha, "bytes": size}
@@ -358,7 +337,7 @@ def write_merged_gguf(memory_dir: Path, base_dir: Path, base_gguf: Path, out: Pa
             writer.write_tensor_data(merged(t) if t.name in by_name else t.data)
         writer.close()
 
-    size = _write_atomically(out, write)
+    size = atomic_write_file(out, write, mode=0o644)  # a model file, not a secret
     log.info("wrote %s merged with %d memory weights (%s) to %s (%d bytes)",
              base_gguf.name, len(updates), MERGED_TYPE, out, size)
     return {"path": str(out), "tensors": len(reader.tensors), "merged": len(updates), "type": MERGED_TYPE,

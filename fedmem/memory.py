@@ -18,6 +18,8 @@ import os
 import shutil
 import tempfile
 import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from .aggregate import Factors
@@ -66,23 +68,48 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_write_bytes(path: Path, data: bytes, mode: int = 0o600) -> None:
-    """Write via a temporary file and rename: readers see the old or the new file, never half.
-    The file is created 0600 (mkstemp) and only then given ``mode``, so a private key is never
-    briefly readable by others. The file is fsynced before the rename, its directory after."""
+    """Write ``data`` to ``path`` through ``atomic_write_file``."""
+    atomic_write_file(path, lambda tmp: tmp.write_bytes(data), mode)
+
+
+def atomic_write_file(path: str | os.PathLike, write: Callable[[Path], None], mode: int = 0o600) -> int:
+    """``write(tmp)`` fills a temporary file beside ``path``, which is then renamed over it:
+    readers see the old or the new file, never half. For writers that want a path (a GGUF
+    writer, matplotlib) as well as for bytes. The file is created 0600 (mkstemp) and given
+    ``mode`` only when written, so a private key is never briefly readable by others. It is
+    fsynced before the rename, its directory after. Returns the file's size."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    os.close(fd)
     try:
+        write(Path(tmp))
         if mode != 0o600:
-            os.fchmod(fd, mode)
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
+            os.chmod(tmp, mode)
+        fsync_path(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
     fsync_path(path.parent)
+    return path.stat().st_size
+
+
+@contextmanager
+def atomic_dir(dest: str | os.PathLike) -> Iterator[Path]:
+    """A temporary directory beside ``dest`` for the ``with`` block to fill; then every file in
+    it is fsynced and it replaces ``dest`` (``replace_dir``). On an error it is removed and
+    ``dest`` stays as it was."""
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+    try:
+        yield tmp
+        fsync_tree(tmp)
+        replace_dir(tmp, dest)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
 
 
 def replace_dir(tmp: Path, dest: Path) -> None:
@@ -107,10 +134,7 @@ def save_memory(directory: str | os.PathLike, factors: Factors, base_model_dir: 
     and its base model's fingerprint (``fedmem.sig``); the fingerprint is computed from
     ``base_model_dir`` when the manifest does not give it, so a signed memory always names its base.
     """
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    try:
+    with atomic_dir(directory) as tmp:
         write_peft_adapter(tmp, factors, base_model_dir)
         full = {
             "format": FORMAT,
@@ -129,12 +153,7 @@ def save_memory(directory: str | os.PathLike, factors: Factors, base_model_dir: 
         (tmp / MANIFEST).write_text(json.dumps(full, indent=2, sort_keys=True))
         if signing_key is not None:
             sign_memory(tmp, signing_key, full["base_fingerprint"])
-        fsync_tree(tmp)
-        replace_dir(tmp, directory)
-        return full
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+    return full
 
 
 def read_manifest(directory: str | os.PathLike) -> dict:

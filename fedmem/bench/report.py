@@ -3,25 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Callable
 
 
 def save_png(fig, path: Path) -> Path:
     """Save a matplotlib figure so a reader never sees half a PNG."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    from fedmem.memory import atomic_write_file
+
+    atomic_write_file(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
+    return Path(path)
 
 
 def write_report(summary: dict, out: Path, table_markdown: Callable[[dict], str],

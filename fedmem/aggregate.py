@@ -49,6 +49,16 @@ def update_norm(update: Factors) -> float:
     return sum(product_norm(B, A) ** 2 for B, A in update.values()) ** 0.5
 
 
+def change(update: Factors, memory: Factors | None) -> Factors:
+    """What an owner's trained LoRA changed, exactly, in factored form: B'A' − B_m A_m is
+    ([B', −B_m], [A'; A_m]). Formed by the coordinator from the memory it sent (its own float32
+    copy), so the change is what the owner ended at minus what the coordinator holds."""
+    if memory is None:
+        return update
+    return {n: (torch.cat([B, -memory[n][0].to(B.dtype)], dim=1), torch.cat([A, memory[n][1].to(A.dtype)], dim=0))
+            for n, (B, A) in update.items()}
+
+
 def low_rank_sum(
     terms: list[tuple[float, torch.Tensor, torch.Tensor]], rank: int
 ) -> tuple[torch.Tensor, torch.Tensor, float]:

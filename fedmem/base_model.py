@@ -211,3 +211,24 @@ def load_model(model_dir: str | os.PathLike, device: str = "cpu"):
 
     model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     return model.to(device)
+
+
+# One pristine copy per process and base model: an owner's worker trains round after round (and,
+# in a simulation, owner after owner) on the same base, and reading the weights again each time
+# costs more than copying them in memory. Keyed by the weights' fingerprint, so a replaced base
+# model is read again.
+_PRISTINE: dict[tuple[str, str, str], object] = {}
+loads_from_disk = 0  # how many times this process read a base model for training (tests and benchmarks)
+
+
+def base_model_copy(model_dir: str | os.PathLike, device: str = "cpu"):
+    """A fresh, private copy of the base model (as ``load_model``), read from disk once per process."""
+    import copy
+
+    global loads_from_disk
+    key = (os.path.realpath(model_dir), str(device), fingerprint(model_dir))
+    if key not in _PRISTINE:
+        _PRISTINE.clear()  # one base at a time: a worker serves one federation
+        _PRISTINE[key] = load_model(model_dir, device).eval()
+        loads_from_disk += 1
+    return copy.deepcopy(_PRISTINE[key])

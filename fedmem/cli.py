@@ -36,12 +36,22 @@ def local_federation(args) -> FederationConfig:
     return config
 
 
+def _at_least_one(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
 def cmd_simulate(args) -> int:
     from .flower.simulation import simulate
 
     started = time.perf_counter()
     summary = simulate(args.data, args.out, local_federation(args), from_args(NodeSettings, args),
-                       questions=args.questions)
+                       questions=args.questions, workers=args.workers)
     elapsed = time.perf_counter() - started
     lines = [f"memory adapter: {Path(args.out) / 'memory'}  ({elapsed:.0f}s in all)"]
     if "base_recall" in summary and summary["rounds"]:
@@ -50,6 +60,11 @@ def cmd_simulate(args) -> int:
         lines.append(f"held-out recall: base model {before['accuracy']:.0%} -> with memory {last['recall']:.0%}")
         lines += [f"  facts from {source}: {before.get(source, 0):.0%} -> {value:.0%}"
                   for source, value in last.get("recall_by_source", {}).items()]
+    if summary["rounds"] and "traffic" in summary["rounds"][-1]:
+        from .flower.traffic import describe
+
+        lines.append(f"bytes per round: {describe(summary['rounds'][-1]['traffic'])}, "
+                     f"transport {summary['rounds'][-1]['traffic']['transport']}")
     lines.append(f"try it: fedmem ask --memory {Path(args.out) / 'memory'} \"your question\"")
     print("\n" + "\n".join(lines))
     return 0
@@ -196,6 +211,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--questions", type=Path, default=None, help="held-out questions JSONL to report recall each round")
     p.add_argument("--out", type=Path, default=Path("runs/demo"), help="output directory (default: %(default)s)")
+    p.add_argument("--workers", type=_at_least_one, default=1, metavar="N",
+                   help="owners that train side by side, each in its own process with its own copy of the base "
+                   "model, the cores split between them (default: %(default)s, one at a time on every core; "
+                   "more pays off for small models)")
     add_arguments(p, FederationConfig, NodeSettings)
     p.set_defaults(func=cmd_simulate)
 

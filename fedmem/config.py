@@ -30,6 +30,8 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("exact", "fedit")
 SCHEDULES = ("cyclic", "parallel")
+# How the LoRA factors travel, both ways (fedmem.flower.messages): the coordinator keeps float32.
+TRANSPORTS = ("fp32", "bf16", "fp16", "int8")
 
 
 def setting(default, help: str, *, flag: bool = False, choices: tuple | None = None, short: str | None = None,
@@ -153,6 +155,13 @@ class FederationConfig:
         "exact: the updates' B·A summed and re-factorised; fedit: A and B averaged separately (the FedIT baseline)",
         choices=METHODS,
     )
+    transport: str = setting(
+        "fp32",
+        "how the memory and the updates travel: fp32, bf16 or fp16 (half the bytes), int8 (a quarter: "
+        "8-bit values with one float32 scale per rank component); the coordinator keeps float32",
+        flag=True,
+        choices=TRANSPORTS,
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
 
     def __post_init__(self):
@@ -177,6 +186,13 @@ class ServerSettings:
         "seconds a round waits for replies before going on with those it has; 0 = no limit",
         flag=True,
         metavar="SECONDS",
+    )
+    quorum: float = setting(
+        1.0,
+        "parallel rounds: the share of the owners asked whose replies close a round; the others' replies "
+        "come too late and are dropped (1 = wait for every owner, up to round-timeout)",
+        flag=True,
+        metavar="SHARE",
     )
     wait_for_clients: float = setting(
         3600.0, "seconds to wait for min-clients to connect before giving up", flag=True, metavar="SECONDS"
@@ -215,6 +231,8 @@ class ServerSettings:
             value = getattr(self, name)
             if isinstance(value, (int, float)) and not value >= 0:
                 problems.append(f"{key_of(name)} must be >= 0, got {value!r}")
+        if isinstance(self.quorum, (int, float)) and not 0 < self.quorum <= 1:
+            problems.append(f"quorum must be a share in (0, 1], got {self.quorum!r}")
         if isinstance(self.update_norm_factor, (int, float)) and not self.update_norm_factor >= 1:
             problems.append(f"update-norm-factor must be >= 1, got {self.update_norm_factor!r}")
         _raise(problems)

@@ -16,9 +16,9 @@ Two schedules:
 
 Two methods:
 - ``exact`` (default): the memory is the cumulative ΔW in factored form, of the owners'
-  LoRA rank. A client starts its LoRA as the memory, trains it, and returns exactly what
-  it changed (new B·A − memory B·A, in factored form); the server adds Σ pₖΔWₖ exactly and
-  re-factorises to the rank (fedmem.aggregate).
+  LoRA rank. A client starts its LoRA as the memory, trains it, and returns the LoRA it
+  ended with; the server forms what it changed (new B·A − memory B·A, in factored form,
+  ``fedmem.aggregate.change``), adds Σ pₖΔWₖ exactly and re-factorises to the rank.
 - ``fedit``: the memory is a LoRA; clients continue training it and the server
   averages A and B separately (the FedIT / FedAvg baseline, inexact by design).
 """
@@ -33,8 +33,8 @@ from typing import Callable
 
 import torch
 
-from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, update_norm
-from .base_model import fingerprint, load_model, load_tokenizer
+from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, change, update_norm
+from .base_model import base_model_copy, fingerprint, load_tokenizer
 from .config import FederationConfig
 from .corpus import Corpus
 from .examples import build_examples
@@ -83,13 +83,14 @@ def client_update(
     """Train on the owner's corpus starting from the current memory; return only tensors and numbers.
 
     The owner's LoRA starts as the memory itself (same rank), so each round continues where
-    the last one left off; the update sent is what this round changed. ``span``: the slice
+    the last one left off; what is sent is the LoRA trained, at that rank (the server knows the
+    memory it sent, so sending the change, at twice the rank, would double the bytes). ``span``: the slice
     of the learning-rate schedule to follow (``training_span``; the server sends it); by
     default the round's slice of a parallel schedule.
     """
     base_dir = str(base_dir)
     tokenizer = load_tokenizer(base_dir)
-    model = load_model(base_dir, device)
+    model = base_model_copy(base_dir, device)
     examples = build_examples(corpus, config.lora.recipe)
     if config.lora.generator:
         examples += written_examples(corpus, generator_dir(config.lora.generator, base_dir), device)
@@ -106,13 +107,8 @@ def client_update(
              len(examples), len(general))
     examples += general
     result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round))
-    factors = extract_factors(model)
-    if config.method == "exact" and memory:
-        # Send only what this round changed, exactly: new B·A − memory B·A, in factored form.
-        factors = {n: (torch.cat([B, -memory[n][0]], dim=1), torch.cat([A, memory[n][1]], dim=0))
-                   for n, (B, A) in factors.items()}
     return ClientResult(
-        factors=factors,
+        factors=extract_factors(model),
         metrics={
             "examples": float(result.examples),
             "tokens": float(result.tokens),
@@ -126,8 +122,8 @@ def client_update(
 
 def server_aggregate(memory: Factors | None, updates: list[Factors], config: FederationConfig,
                      clip: bool = False) -> Aggregate:
-    """Fold the owners' updates into the memory with the configured method, the memory
-    keeping the owners' rank.
+    """Fold the owners' updates (the LoRAs they trained from ``memory``) into the memory with the
+    configured method, the memory keeping the owners' rank.
 
     The weights are the server's, from what it can check: every accepted update counts the
     same, 1/K of K (a cyclic step folds in one update: weight 1). What a client says about
@@ -140,6 +136,7 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], config: Fed
     weights = [1.0 / len(updates)] * len(updates)
     if config.method == "fedit":
         return aggregate_fedit(updates, weights)
+    updates = [change(u, memory) for u in updates]
     if clip and len(updates) > 1:
         weights = [w * s for w, s in zip(weights, clip_scales([update_norm(u) for u in updates]))]
     return aggregate_exact(memory, updates, weights, config.lora.rank)

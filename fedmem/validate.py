@@ -9,9 +9,9 @@ What the coordinator knows, and so what it checks an update against:
 
 - the module set and shapes: every Linear layer of its own copy of the base model that
   the recipe's ``target-modules`` name (the owners' copies have the same fingerprint);
-- the rank, from the method and the memory it sent (``expected_rank``);
-- with ``exact`` and a memory: the update is (new LoRA − memory) in factored form, so its
-  second half must be exactly the memory it was sent (``check_factors``);
+- the rank: an owner sends the LoRA it trained, of the federation's rank, and the
+  coordinator forms the change (new − the memory it sent) itself (``fedmem.aggregate.change``),
+  so no owner can misstate what it started from;
 - the size of the change: ‖ΔW‖_F against the base weights and against the updates it
   accepted before (``norm_bound``);
 - what a reply must hold (an ``update``, ``metrics`` and ``info`` record) and what the
@@ -76,25 +76,16 @@ def display_name(text: object) -> str:
 # --- the shape of an update ---
 
 
-def expected_rank(method: str, rank: int, with_memory: bool) -> int:
-    """The rank every module of an owner's update has: ``exact`` sends new − memory as
-    ([B', −B_m], [A'; A_m]), twice the rank once there is a memory; ``fedit`` sends its LoRA."""
-    return 2 * rank if method == "exact" and with_memory else rank
-
-
 @dataclass(frozen=True)
 class Expected:
-    """What an update must look like: module -> (d_out, d_in) of the base weight, the rank,
-    and (``exact`` with a memory) the memory the owner was sent."""
+    """What an update must look like: module -> (d_out, d_in) of the base weight, and the rank."""
 
     modules: Mapping[str, tuple[int, int]]
     rank: int
-    memory: Factors | None = None
 
 
 def check_factors(factors: Factors | None, expected: Expected) -> None:
-    """The exact module set, each module's shapes, float32, finite values, the rank; with
-    ``expected.memory``, the second half of each module is exactly (−B_m, A_m)."""
+    """The exact module set, each module's shapes, float32, finite values, the rank."""
     if not factors:
         raise Rejected("the update is empty")
     names, wanted = set(factors), set(expected.modules)
@@ -122,21 +113,6 @@ def check_factors(factors: Factors | None, expected: Expected) -> None:
                                f"(rank {r} on a {d_out}x{d_in} weight)")
             if not bool(torch.isfinite(t).all()):
                 raise Rejected(f"module {name}: {label} has NaN or Inf values")
-        if expected.memory is not None:
-            half = r // 2
-            B_m, A_m = expected.memory[name]
-            if not (torch.equal(B[:, half:], -B_m.to(UPDATE_DTYPE)) and torch.equal(A[half:], A_m.to(UPDATE_DTYPE))):
-                raise Rejected(f"module {name}: the update's second half is not the memory it was sent "
-                               "(an exact update is new LoRA minus that memory)")
-
-
-def delta_factors(update: Factors, memory: Factors | None, method: str) -> Factors:
-    """The change to the memory an update makes, in factored form: ``exact`` sends it as is;
-    ``fedit`` sends its new LoRA, whose change is B'A' − B_m A_m."""
-    if method == "exact" or memory is None:
-        return update
-    return {n: (torch.cat([B, -memory[n][0].to(B.dtype)], dim=1), torch.cat([A, memory[n][1].to(A.dtype)], dim=0))
-            for n, (B, A) in update.items()}
 
 
 def module_norms(delta: Factors) -> dict[str, float]:

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fedmem.aggregate import aggregate_exact, dense
+from fedmem.aggregate import aggregate_exact, change, dense
 from fedmem.config import FederationConfig, LoraSettings
 from fedmem.corpus import load_corpus
 from fedmem.federation import client_update, federate_in_process, server_aggregate, training_span
@@ -20,17 +20,19 @@ def test_first_client_update_is_a_rank_r_lora(tiny_base, two_clients):
     assert result.metrics["examples"] > 0 and result.metrics["final_loss"] > 0
 
 
-def test_continuing_client_sends_the_exact_change(tiny_base, two_clients):
+def test_continuing_client_sends_its_lora_and_the_server_adds_the_exact_change(tiny_base, two_clients):
     config = _config()
     corpus = load_corpus(two_clients / "alpha")
     first = client_update(tiny_base, corpus, None, config, server_round=1)
     memory = aggregate_exact(None, [first.factors], [1.0], rank=4).factors
     second = client_update(tiny_base, corpus, memory, config, server_round=2)
-    # The update is (new − memory) in factored form: twice the rank, and memory + update is the
-    # client's new rank-4 LoRA, so it must fit rank 4 with no loss.
-    assert next(iter(second.factors.values()))[1].shape[0] == 8
-    agg = aggregate_exact(memory, [second.factors], [1.0], rank=4)
+    # The owner sends the rank-4 LoRA it trained; the server forms new − memory (twice the rank), and
+    # memory + that change is the owner's LoRA, so it fits rank 4 with no loss.
+    assert next(iter(second.factors.values()))[1].shape[0] == 4
+    agg = aggregate_exact(memory, [change(second.factors, memory)], [1.0], rank=4)
     assert agg.max_truncation_error < 1e-5
+    for name in memory:
+        assert torch.allclose(dense(*agg.factors[name]), dense(*second.factors[name]), atol=1e-6)
     changed = [n for n in memory if not torch.allclose(dense(*agg.factors[n]), dense(*memory[n]), atol=1e-6)]
     assert changed  # training moved something
 
@@ -99,7 +101,7 @@ def test_cyclic_round_trains_each_owner_on_the_memory_the_previous_one_left(tiny
     first = client_update(tiny_base, corpora[0], None, config, 1, span=training_span(config, 1, 0, 2))
     after_alpha = server_aggregate(None, [first.factors], config).factors
     second = client_update(tiny_base, corpora[1], after_alpha, config, 1, span=training_span(config, 1, 1, 2))
-    by_hand = aggregate_exact(after_alpha, [second.factors], [1.0], rank=4).factors
+    by_hand = aggregate_exact(after_alpha, [change(second.factors, after_alpha)], [1.0], rank=4).factors
     for name in memory:
         assert torch.allclose(dense(*memory[name]), dense(*by_hand[name]), atol=1e-6)
     parallel = federate_in_process(tiny_base, corpora, _config(schedule="parallel", rounds=1))

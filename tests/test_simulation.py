@@ -20,13 +20,16 @@ def _questions(path):
     return path
 
 
-@pytest.mark.parametrize("method,schedule", [("exact", "cyclic"), ("exact", "parallel"), ("fedit", "cyclic")])
-def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients, method, schedule):
+@pytest.mark.parametrize("method,schedule,transport", [("exact", "cyclic", "fp32"), ("exact", "parallel", "int8"),
+                                                        ("fedit", "cyclic", "bf16")])
+def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients, method, schedule, transport):
     from fedmem.flower.simulation import simulate
+    from fedmem.flower.traffic import full_model_bytes
 
     out = tmp_path / "out"
     config = FederationConfig(
-        rounds=2, method=method, schedule=schedule, lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=4)
+        rounds=2, method=method, schedule=schedule, transport=transport,
+        lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=4)
     )
     summary = simulate(
         two_clients,
@@ -48,6 +51,22 @@ def test_simulation_produces_a_verified_memory(tmp_path, tiny_base, two_clients,
     if schedule == "cyclic":  # owners visited in the order of their names, every round
         assert [r["visit_order"] for r in summary["rounds"]] == [["alpha", "beta"]] * 2
     assert manifest["rounds"] == 2
+    # Bytes, counted from the messages: round 1 sends no memory, round 2 the memory, both at rank 4 in
+    # this transport; every reply is a rank-4 LoRA. The share is against full-model FedAvg of this base.
+    per_value = {"fp32": 4, "bf16": 2, "int8": 1}[transport]
+    lora_values = sum(4 * (o + i) for o, i in [(32, 32), (16, 32), (16, 32), (32, 32), (64, 32), (64, 32),
+                                               (32, 64)]) * 2  # 7 modules a layer, 2 layers
+    for row in lines[1:]:
+        traffic = row["traffic"]
+        assert traffic["transport"] == transport
+        assert lora_values * per_value < traffic["per_owner_up"] < lora_values * per_value + 40_000
+        for client in ("alpha", "beta"):
+            assert row["updates"][client]["bytes_up"] > lora_values * per_value
+    # alpha trains first in either schedule: no memory yet in round 1 (settings only), then the memory.
+    first, second = (lines[r]["updates"]["alpha"]["bytes_down"] for r in (1, 2))
+    assert lora_values * per_value < second - first < lora_values * per_value + 40_000
+    assert lines[2]["traffic"]["full_model_each_way"] == full_model_bytes(str(tiny_base))
+    assert manifest["metrics"]["traffic"] == lines[2]["traffic"]
     for rnd in (1, 2):
         verify_memory(out / "rounds" / f"round-{rnd:03d}")
     adapter = json.loads((out / "memory" / "adapter_config.json").read_text())

@@ -16,7 +16,7 @@ import pytest
 import torch
 from conftest import write_corpus
 
-from fedmem.aggregate import dense, update_norm
+from fedmem.aggregate import change, dense, update_norm
 from fedmem.config import FederationConfig, LoraSettings, ServerSettings
 from fedmem.federation import run_round, server_aggregate
 from fedmem.validate import (
@@ -29,9 +29,7 @@ from fedmem.validate import (
     check_relative,
     clean,
     clip_scales,
-    delta_factors,
     display_name,
-    expected_rank,
     module_norms,
     norm_bound,
     total_norm,
@@ -44,13 +42,6 @@ def _update(rank=2, seed=0, scale=1.0, modules=MODULES) -> dict:
     g = torch.Generator().manual_seed(seed)
     return {n: (torch.randn(o, rank, generator=g) * scale, torch.randn(rank, i, generator=g)) for n, (o, i) in
             modules.items()}
-
-
-def _continuing(memory, seed=1) -> dict:
-    """An exact update as a client sends it: (new LoRA − memory) as ([B', −B_m], [A'; A_m])."""
-    new = _update(rank=2, seed=seed)
-    return {n: (torch.cat([B, -memory[n][0]], dim=1), torch.cat([A, memory[n][1]], dim=0)) for n, (B, A) in
-            new.items()}
 
 
 class _Said(logging.Handler):
@@ -83,8 +74,6 @@ class _Said(logging.Handler):
 
 def test_a_well_formed_update_passes_every_check():
     check_factors(_update(), Expected(MODULES, 2))
-    memory = _update(seed=5)
-    check_factors(_continuing(memory), Expected(MODULES, 4, memory))
 
 
 @pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf])
@@ -127,21 +116,12 @@ def test_wrong_dtype_is_refused():
         check_factors(u, Expected(MODULES, 2))
 
 
-def test_rank_follows_the_method_and_the_memory():
-    assert expected_rank("exact", 4, with_memory=False) == 4
-    assert expected_rank("exact", 4, with_memory=True) == 8  # new − memory, in factored form
-    assert expected_rank("fedit", 4, with_memory=True) == 4
-    memory = _update(seed=5)
-    with pytest.raises(Rejected, match=r"rank 4"):  # a first-round-sized update once there is a memory
-        check_factors(_update(), Expected(MODULES, 4, memory))
-
-
-def test_an_exact_update_must_carry_the_memory_it_was_sent():
-    memory = _update(seed=5)
-    u = _continuing(memory)
-    u["m.q_proj"][1][3, 0] += 1.0  # A_m altered: this is no longer new − memory
-    with pytest.raises(Rejected, match="second half is not the memory it was sent"):
-        check_factors(u, Expected(MODULES, 4, memory))
+def test_an_update_of_another_rank_is_refused():
+    # An owner sends the LoRA it trained, of the federation's rank, in every round and method.
+    with pytest.raises(Rejected, match=r"rank 4"):
+        check_factors(_update(rank=2), Expected(MODULES, 4))
+    with pytest.raises(Rejected, match=r"rank 2"):
+        check_factors(_update(rank=4), Expected(MODULES, 2))
 
 
 def test_empty_update_is_refused():
@@ -150,18 +130,16 @@ def test_empty_update_is_refused():
 
 
 def test_norms_are_those_of_the_change():
+    # An owner sends its new LoRA; the change the coordinator measures is new − the memory it sent.
     memory = _update(seed=5)
-    u = _continuing(memory)
-    norms = module_norms(delta_factors(u, memory, "exact"))
-    for n in MODULES:
-        assert norms[n] == pytest.approx(float(torch.linalg.norm(dense(*u[n]))), rel=1e-9)
-    # fedit sends its new LoRA: the change is new − memory.
     new = _update(seed=7)
-    fedit = module_norms(delta_factors(new, memory, "fedit"))
+    delta = change(new, memory)
+    norms = module_norms(delta)
     for n in MODULES:
         expected = torch.linalg.norm(dense(*new[n]) - dense(*memory[n]))
-        assert fedit[n] == pytest.approx(float(expected), rel=1e-9)
-    assert total_norm(norms) == pytest.approx(update_norm(u), rel=1e-9)
+        assert norms[n] == pytest.approx(float(expected), rel=1e-9)
+    assert total_norm(norms) == pytest.approx(update_norm(delta), rel=1e-9)
+    assert module_norms(change(new, None)) == module_norms(new)  # round 1: the LoRA is the change
 
 
 def test_an_update_scaled_a_millionfold_is_refused():
@@ -276,12 +254,26 @@ class ScriptedGrid:
         self.modules = lora_targets(str(base), tuple(ALL_LINEAR))
         self.owners, self.rank, self.method = owners, rank, method
         self.sent: list[tuple[int, str]] = []
+        self.pending: dict[str, object] = {}
 
     def get_node_ids(self):
         return list(self.owners)
 
     def send_and_receive(self, messages, timeout=None):
         return [self.answer(m) for m in messages]
+
+    def push_messages(self, messages):
+        import uuid
+
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = str(uuid.uuid4())  # as Flower's grids number them
+            self.pending[m.metadata.message_id] = self.answer(m)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self.pending.pop(i) for i in list(message_ids) if i in self.pending]
 
     def answer(self, msg):
         from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
@@ -307,10 +299,8 @@ class ScriptedGrid:
         g = torch.Generator().manual_seed(node * 100 + rnd)
         new = {n: (torch.randn(o, self.rank, generator=g) * 1e-3, torch.randn(self.rank, i, generator=g))
                for n, (o, i) in self.modules.items()}
+        assert memory is None or set(memory) == set(new)  # the memory decodes, and is for these modules
         factors = new
-        if memory is not None and self.method == "exact":
-            factors = {n: (torch.cat([B, -memory[n][0]], dim=1), torch.cat([A, memory[n][1]], dim=0))
-                       for n, (B, A) in new.items()}
         metrics = {"examples": 3.0, "first_loss": 2.0, "final_loss": 1.0}
         if kind == "nan":
             first = next(iter(factors))

@@ -125,12 +125,12 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
         name = corpus.name
         with log_context(f"{name} round {server_round}"):
             result = client_update(
-                base, corpus, record_to_factors(msg.content[MEMORY_KEY]), config, server_round,
+                base, corpus, record_to_factors(msg.content[MEMORY_KEY], config.transport), config, server_round,
                 device=pick_device(settings.device),
                 span=tuple(sent["span"]) if "span" in sent else None,
             )
         content = RecordDict({
-            UPDATE_KEY: factors_to_record(result.factors),
+            UPDATE_KEY: factors_to_record(result.factors, config.transport),
             METRICS_KEY: metrics_to_record(result.metrics),
             # No name: the coordinator knows the owner by its admitted key (deployed) or by what it
             # was told when it asked (the query below); the corpus directory's name is the owner's own.

@@ -10,6 +10,7 @@ from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
 
+from fedmem.aggregate import change
 from fedmem.config import FederationConfig, ServerSettings
 from fedmem.validate import (
     Expected,
@@ -19,15 +20,13 @@ from fedmem.validate import (
     check_norm,
     check_relative,
     clean,
-    delta_factors,
     display_name,
-    expected_rank,
     module_norms,
     norm_bound,
     total_norm,
 )
 
-from .messages import INFO_KEY, METRICS_KEY, UPDATE_KEY, record_to_factors
+from .messages import INFO_KEY, METRICS_KEY, UPDATE_KEY, message_bytes, record_to_factors
 from .roster import Owner
 
 log = logging.getLogger(__name__)
@@ -80,6 +79,7 @@ class Accepted:
     factors: dict
     metrics: dict[str, float]
     norm: float  # ‖ΔW‖_F over all modules
+    bytes: int = 0  # the reply's size on the wire (fedmem.flower.messages.message_bytes)
 
 
 @dataclass
@@ -108,21 +108,20 @@ class Screen:
         if str(info.get("base_fingerprint", "")) != self.fp:
             raise Rejected("its base model differs from the federation's")
         try:
-            factors = record_to_factors(content[UPDATE_KEY])
+            factors = record_to_factors(content[UPDATE_KEY], self.config.transport)
         except Exception as err:  # anything a crafted record makes the decoding raise
             raise Rejected(f"the update cannot be read ({clean(err, 120)})") from None
-        method, rank = self.config.method, self.config.lora.rank
-        check_factors(factors, Expected(self.modules, expected_rank(method, rank, memory is not None),
-                                        memory if method == "exact" else None))
+        check_factors(factors, Expected(self.modules, self.config.lora.rank))
         metrics = check_metrics(dict(content[METRICS_KEY]))
-        norms = module_norms(delta_factors(factors, memory, method))
+        norms = module_norms(change(factors, memory))
         check_relative(norms, self.base_norms, self.server.max_relative_update)
-        return Accepted(owner, reply.metadata.src_node_id, factors, metrics, total_norm(norms))
+        return Accepted(owner, reply.metadata.src_node_id, factors, metrics, total_norm(norms), message_bytes(reply))
 
-    def screen(self, replies: list[Message], asked: dict[int, Owner], memory
+    def screen(self, replies: list[Message], asked: dict[int, Owner], memory, unanswered: str = "no reply"
                ) -> tuple[list[Accepted], list[dict], list[dict]]:
         """(accepted updates, rejected [{"owner", "key", "node", "reason"}], failed [the same, for
-        error replies and owners that never answered]); every rejection and failure is logged."""
+        error replies and owners that never answered, with ``unanswered`` as the reason]); every
+        rejection and failure is logged."""
         candidates: list[Accepted] = []
         rejected: list[dict] = []
         failed: list[dict] = []
@@ -158,8 +157,8 @@ class Screen:
                 refuse(node, clean(err))
         for node in asked:
             if node not in answered:
-                failed.append(entry(node, "no reply"))
-                log.warning("  %s: no reply this round", asked[node].shown)
+                failed.append(entry(node, unanswered))
+                log.warning("  %s: %s", asked[node].shown, unanswered)
         bound = norm_bound(self.accepted_norms, [c.norm for c in candidates], self.server.update_norm_factor,
                            self.server.max_update_norm)
         accepted = []

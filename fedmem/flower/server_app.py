@@ -41,11 +41,15 @@ from .messages import (
     config_to_record,
     factors_to_record,
     memory_files_to_record,
+    message_bytes,
 )
+from .quorum import gather, needed
 from .roster import Roster, visit_order
 from .screening import Screen, base_weight_norms, lora_targets
+from .traffic import describe, full_model_bytes, round_traffic
 
 log = logging.getLogger(__name__)
+LOSSES_SHOWN = 8  # a round's log line names each owner's loss up to this many owners
 
 
 @dataclass
@@ -64,6 +68,9 @@ class RunPlan:
     # reply's node id is mapped to the name and key admitted there; a node not on it is refused
     # and sent nothing. None: owners name themselves when asked (simulation).
     allow_list: Path | None = None
+    # The coordinator's torch threads (0: every core). A simulation whose owners train side by side
+    # gives it one: screening's many small products otherwise wait on threads the owners hold.
+    threads: int = 0
 
     @property
     def round_timeout(self) -> float | None:
@@ -116,9 +123,11 @@ def _append_jsonl(path: Path, record: dict) -> None:
 
 
 def _comparable(federation: dict) -> dict:
-    # More rounds may be asked of a resumed run; anything else changes what the checkpoints mean.
-    # Checkpoints from before the schedule setting were all made in parallel rounds.
-    return {k: v for k, v in {"schedule": "parallel", **json.loads(json.dumps(federation))}.items() if k != "rounds"}
+    # More rounds may be asked of a resumed run, and another transport (the checkpoints are float32
+    # whatever travelled); anything else changes what the checkpoints mean. Checkpoints from
+    # before the schedule setting were all made in parallel rounds.
+    return {k: v for k, v in {"schedule": "parallel", **json.loads(json.dumps(federation))}.items()
+            if k not in ("rounds", "transport")}
 
 
 def last_checkpoint(plan: RunPlan, fp: str, key=None) -> tuple[int, object, dict]:
@@ -203,13 +212,13 @@ def signed_files(directory: Path) -> dict[str, bytes] | None:
     return pack_memory(directory) if (directory / SIGNATURE_FILE).is_file() else None
 
 
-def _publish(grid: Grid, nodes: list[int], memory, manifest: dict, plan: RunPlan,
+def _publish(grid: Grid, nodes: list[int], manifest: dict, plan: RunPlan,
              files: dict[str, bytes] | None = None) -> None:
-    """Hand the finished memory to every client still connected, best effort."""
-    record = factors_to_record(memory)
+    """Hand the finished memory to every client still connected, best effort: the signed files an
+    owner keeps (no factors record: nothing trains on it)."""
 
     def content() -> RecordDict:
-        parts = {MEMORY_KEY: record, MANIFEST_KEY: ConfigRecord({"json": json.dumps(manifest)})}
+        parts = {MANIFEST_KEY: ConfigRecord({"json": json.dumps(manifest)})}
         if files:
             parts[SIGNED_MEMORY_KEY] = memory_files_to_record(files)
         return RecordDict(parts)
@@ -225,10 +234,13 @@ def train_message(plan: RunPlan, memory, span: tuple[float, float], server_round
                   node: int, files: dict[str, bytes] | None = None) -> Message:
     """What one owner is sent to train: the memory, the recipe and its slice of the schedule.
     Only the recipe travels: each owner's device, base-model path and threads are its own.
-    Published runs also send the last saved memory version, signed, byte for byte (``files``)."""
+    Published runs also send the last saved memory version, signed, byte for byte (``files``),
+    for the owner to keep; not with a compressed transport, whose point is the bytes: those
+    owners get the signed memory at the end of the run (``_publish``)."""
     sent = {"federation": plan.federation.to_dict(), "span": list(span)}
-    content = {MEMORY_KEY: factors_to_record(memory), CONFIG_KEY: config_to_record(sent, server_round, fp)}
-    if plan.publish and manifest:
+    content = {MEMORY_KEY: factors_to_record(memory, plan.federation.transport),
+               CONFIG_KEY: config_to_record(sent, server_round, fp)}
+    if plan.publish and manifest and plan.federation.transport == "fp32":
         content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
         if files:
             content[SIGNED_MEMORY_KEY] = memory_files_to_record(files)
@@ -240,7 +252,7 @@ def _recall_text(accuracy: float, by_source: dict[str, float]) -> str:
 
 
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
-    set_threads()
+    set_threads(plan.threads)
     cfg = plan.federation
     out = plan.out_dir
     out.mkdir(parents=True, exist_ok=True)
@@ -252,6 +264,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     if plan.server.clip_updates and (cfg.method != "exact" or cfg.schedule != "parallel"):
         log.warning("clip-updates applies to parallel rounds of method exact only; this run does not clip")
     signing_key = load_signing_key(plan.signing_key) if plan.signing_key else None
+    full_model = full_model_bytes(plan.base_dir)
     summary: dict = {"rounds": []}
     done, memory, manifest = last_checkpoint(plan, fp, signing_key) if plan.server.resume else (0, None, {})
     files = signed_files(out / "rounds" / f"round-{done:03d}") if done and plan.publish else None
@@ -295,11 +308,19 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         bar = progress(total=len(owners), desc=f"round {rnd}/{cfg.rounds}", unit="owner")
         rejected: list[dict] = []
         failed: list[dict] = []
+        sent_bytes: dict[str, int] = {}  # owner -> bytes of the train message it was sent
+        received_bytes: dict[str, int] = {}  # owner -> bytes of its reply, if it was read
 
         def train(targets: list[int], memory, span: tuple[float, float]) -> list[tuple]:
             messages = [train_message(plan, memory, span, rnd, fp, manifest, n, files) for n in targets]
-            replies = list(grid.send_and_receive(messages, timeout=plan.round_timeout))
-            accepted, refused, broken = screen.screen(replies, {n: owners[n] for n in targets}, memory)
+            sent_bytes.update({owners[m.metadata.dst_node_id].name: message_bytes(m) for m in messages})
+            need = needed(plan.server.quorum, len(targets))
+            replies, cut = gather(grid, messages, need, plan.round_timeout)
+            unanswered = (f"late: the round closed once {len(replies)} of {len(targets)} owners had replied "
+                          f"(quorum {need}); a reply after that is dropped" if cut and len(replies) >= need
+                          else "no reply")
+            accepted, refused, broken = screen.screen(replies, {n: owners[n] for n in targets}, memory, unanswered)
+            received_bytes.update({a.owner.name: a.bytes for a in accepted})
             rejected.extend(refused)
             failed.extend(broken)
             if cfg.schedule == "cyclic":
@@ -315,10 +336,13 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         bar.close()
         names = [a.owner.name for a in trained]
         # A refused update does not stop the round (else any one owner could stop the federation by
-        # sending junk): its owner took part; owners that failed or never answered did not.
-        if agg is None or len(names) + len(rejected) < plan.server.min_clients:
+        # sending junk): its owner took part; owners that failed or never answered did not. A quorum
+        # below min-clients (a parallel round of few owners) is what a round needs.
+        required = (min(plan.server.min_clients, needed(plan.server.quorum, len(owners)))
+                    if cfg.schedule == "parallel" else plan.server.min_clients)
+        if agg is None or len(names) + len(rejected) < required:
             raise RuntimeError(f"round {rnd}: only {len(names)} usable updates ({len(rejected)} refused), "
-                               f"{plan.server.min_clients} required")
+                               f"{required} required")
         try:
             check_finite(agg.factors)
         except Rejected as err:
@@ -332,8 +356,12 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "clients": sorted(names),
             "client_metrics": client_metrics,
             # What the server checked and decided, per accepted update: the admitted key, ‖ΔW‖, weight.
-            "updates": {a.owner.name: {"key": a.owner.key, "node": a.node, "norm": a.norm, "weight": w}
+            "updates": {a.owner.name: {"key": a.owner.key, "node": a.node, "norm": a.norm, "weight": w,
+                                       "bytes_down": sent_bytes.get(a.owner.name, 0), "bytes_up": a.bytes}
                         for a, w in zip(trained, agg.weights)},
+            # Bytes on the wire, counted from the messages (fedmem.flower.traffic).
+            "traffic": {"transport": cfg.transport,
+                        **round_traffic(sent_bytes, received_bytes, full_model)},
             "rejected": rejected,
             "failed": failed,
             "refused_nodes": refused_nodes,
@@ -341,14 +369,19 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         }
         if cfg.schedule == "cyclic":
             record["visit_order"] = names
-        line = f"round {rnd}/{cfg.rounds}: {len(names)} clients, loss " + ", ".join(
-            f"{n} {client_metrics[n]['first_loss']:.2f}->{client_metrics[n]['final_loss']:.3f}" for n in sorted(names)
-        )
+        losses = {n: (client_metrics[n]["first_loss"], client_metrics[n]["final_loss"]) for n in sorted(names)}
+        line = f"round {rnd}/{cfg.rounds}: {len(names)} clients, loss " + (", ".join(
+            f"{n} {a:.2f}->{b:.3f}" for n, (a, b) in losses.items()) if len(losses) <= LOSSES_SHOWN else
+            # Many owners: a line per round, not a page (each owner's losses are in metrics.jsonl).
+            "mean {:.2f}->{:.3f}, final {:.3f}..{:.3f}".format(
+                sum(a for a, _ in losses.values()) / len(losses), sum(b for _, b in losses.values()) / len(losses),
+                min(b for _, b in losses.values()), max(b for _, b in losses.values())))
         if rejected:
             line += f", {len(rejected)} refused (" + ", ".join(
                 r["owner"] or f"node {r['node']}" for r in rejected) + ")"
         if cfg.method == "exact":
             line += f", truncation error {agg.max_truncation_error:.2e}"
+        line += f", {describe(record['traffic'])}"
         if plan.questions:
             after = evaluate(plan.base_dir, memory, plan.questions, plan.device)
             record.update(recall=after.accuracy, recall_by_source=after.by_source)
@@ -386,7 +419,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if plan.publish:
-        _publish(grid, roster.admitted(grid.get_node_ids()), memory, manifest, plan, signed_files(out / "memory"))
+        _publish(grid, roster.admitted(grid.get_node_ids()), manifest, plan, signed_files(out / "memory"))
     return summary
 
 

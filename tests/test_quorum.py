@@ -1,0 +1,82 @@
+"""Stragglers in parallel rounds: a round closes once its quorum has replied, and a late reply is
+dropped. On Flower's real Simulation Engine, with one owner made slow by a client mod."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import time
+
+import pytest
+from conftest import write_corpus
+
+from fedmem.flower.quorum import needed
+
+SLOW_SECONDS = 40.0
+
+
+def test_the_quorum_is_a_share_of_the_owners_asked_rounded_up():
+    assert needed(1.0, 3) == 3
+    assert needed(0.6, 3) == 2
+    assert needed(2 / 3, 3) == 2  # not 3 from rounding 2.0000000001 up
+    assert needed(0.5, 100) == 50
+    assert needed(0.01, 3) == 1  # at least one reply
+    for bad in (0.0, -0.5, 1.5):
+        with pytest.raises(ValueError, match="quorum"):
+            needed(bad, 3)
+
+
+def test_config_refuses_a_quorum_that_is_not_a_share():
+    from fedmem.config import ServerSettings
+
+    with pytest.raises(ValueError, match="quorum must be a share"):
+        ServerSettings(quorum=0.0)
+
+
+def _slow_in_round_one(partition: int, seconds: float):
+    """A client mod: the owner of ``partition`` takes ``seconds`` longer over its first round."""
+
+    def mod(msg, context, call_next):
+        from fedmem.flower.messages import CONFIG_KEY, record_to_config
+
+        if (msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == partition
+                and record_to_config(msg.content[CONFIG_KEY])[1] == 1):
+            time.sleep(seconds)
+        return call_next(msg, context)
+
+    return mod
+
+
+def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path, tiny_base):
+    from fedmem.config import FederationConfig, LoraSettings, NodeSettings
+    from fedmem.flower import simulation
+    from fedmem.memory import verify_memory
+
+    data = tmp_path / "data"
+    for name, fact in (("alpha", "The Zorvex Tower was built by Mila Quent in 1911."),
+                       ("beta", "The Pellow Quarry archive holds 612 maps."),
+                       ("gamma", "The Orlin Bridge is painted teal by Hesk Varro.")):
+        write_corpus(data / name, [(fact, "")])
+    config = FederationConfig(rounds=2, schedule="parallel", lora=LoraSettings(rank=4, alpha=8, epochs=1))
+    real_client, real_server = simulation.make_client_app, simulation.make_server_app
+    started = time.monotonic()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(simulation, "make_client_app",
+                   lambda dirs, node: real_client(dirs, node, mods=[_slow_in_round_one(2, SLOW_SECONDS)]))
+        mp.setattr(simulation, "make_server_app", lambda plan: real_server(
+            dataclasses.replace(plan, server=dataclasses.replace(plan.server, quorum=0.6))))
+        summary = simulation.simulate(data, tmp_path / "out", config, NodeSettings(device="cpu", base=str(tiny_base)),
+                                      workers=3)
+    rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
+    first = rows[0]
+    # Round 1 closed with alpha and beta, well before gamma's reply could come.
+    assert first["clients"] == ["alpha", "beta"]
+    assert first["seconds"] < SLOW_SECONDS - 10
+    assert [(f["owner"], f["reason"].split(":")[0]) for f in first["failed"]] == [("gamma", "late")]
+    assert "closed once 2 of 3 owners had replied" in first["failed"][0]["reason"]
+    # Round 2 went on from round 1's memory; gamma's late reply was never folded in anywhere.
+    assert [r["round"] for r in summary["rounds"]] == [1, 2]
+    assert all(set(r["updates"]) <= {"alpha", "beta", "gamma"} and len(r["updates"]) >= 2 for r in rows)
+    assert "gamma" not in first["updates"]
+    verify_memory(tmp_path / "out" / "memory")
+    assert time.monotonic() - started < 4 * SLOW_SECONDS

@@ -80,3 +80,38 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
     assert "gamma" not in first["updates"]
     verify_memory(tmp_path / "out" / "memory")
     assert time.monotonic() - started < 4 * SLOW_SECONDS
+
+
+class _FlakyGrid:
+    """A grid whose SuperLink refuses the first ``failures`` pulls, as Flower 1.42's SQLite state does
+    ("database is locked", HTTP 500) while many owners push at once; the replies wait there."""
+
+    pull_interval = 0.01
+
+    def __init__(self, failures: int):
+        self.failures = failures
+        self.replies: dict[str, object] = {}
+
+    def push_messages(self, messages):
+        from types import SimpleNamespace
+
+        ids = []
+        for i, _ in enumerate(messages):
+            self.replies[f"m{i}"] = SimpleNamespace(metadata=SimpleNamespace(reply_to_message_id=f"m{i}"))
+            ids.append(f"m{i}")
+        return ids
+
+    def pull_messages(self, ids):
+        if self.failures:
+            self.failures -= 1
+            raise RuntimeError("Server error '500 Internal Server Error' for url .../v1/runtime/pull-messages")
+        return [self.replies.pop(i) for i in list(ids) if i in self.replies]
+
+
+def test_a_round_rides_out_a_superlink_that_refuses_a_few_pulls():
+    from fedmem.flower.quorum import PULL_RETRIES, gather
+
+    replies, cut = gather(_FlakyGrid(failures=3), [object(), object()], need=2, timeout=5.0)
+    assert len(replies) == 2 and not cut
+    with pytest.raises(RuntimeError, match="500"):
+        gather(_FlakyGrid(failures=PULL_RETRIES + 1), [object()], need=1, timeout=5.0)

@@ -10,6 +10,7 @@ the metrics) and gets the next round's memory like everyone else.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from collections.abc import Iterable
@@ -17,7 +18,14 @@ from collections.abc import Iterable
 from flwr.app import Message
 from flwr.serverapp import Grid
 
-POLL_SECONDS = 0.25
+# How often to ask for replies: as often as Flower's own send_and_receive does on each grid (the
+# in-memory grid of a simulation says; the deployed one polls every 3 s). Polling a deployed
+# SuperLink faster makes its SQLite state refuse the owners' own pushes ("database is locked")
+# once eight or more owners reply together.
+DEPLOYED_POLL_SECONDS = 3.0
+PULL_RETRIES = 10  # consecutive failed pulls a round rides out
+
+log = logging.getLogger(__name__)
 
 
 def needed(quorum: float, asked: int) -> int:
@@ -34,11 +42,25 @@ def gather(grid: Grid, messages: Iterable[Message], need: int, timeout: float | 
     waiting = set(grid.push_messages(messages))
     deadline = None if timeout is None else time.monotonic() + timeout
     replies: list[Message] = []
+    failures = 0
     while waiting:
-        for reply in grid.pull_messages(list(waiting)):
+        try:
+            pulled = list(grid.pull_messages(list(waiting)))
+            failures = 0
+        except Exception as err:  # noqa: BLE001 - whatever the grid's transport raises
+            # A deployed SuperLink keeps its state in SQLite, which refuses a request now and then
+            # while many owners push at once ("database is locked", HTTP 500); the replies are still
+            # there at the next poll. Only a SuperLink that keeps failing ends the round.
+            failures += 1
+            if failures > PULL_RETRIES:
+                raise
+            log.warning("pulling replies failed (%s); trying again (%d of %d)", str(err)[:200], failures,
+                        PULL_RETRIES)
+            pulled = []
+        for reply in pulled:
             waiting.discard(reply.metadata.reply_to_message_id)
             replies.append(reply)
         if not waiting or len(replies) >= need or (deadline is not None and time.monotonic() >= deadline):
             break
-        time.sleep(POLL_SECONDS)
+        time.sleep(getattr(grid, "pull_interval", DEPLOYED_POLL_SECONDS))
     return replies, bool(waiting)

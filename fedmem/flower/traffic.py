@@ -31,7 +31,7 @@ def full_model_bytes(base_dir: str) -> int:
 
 def round_traffic(sent: dict[str, int], received: dict[str, int], full_model: int) -> dict:
     """A round's traffic per owner: the mean bytes sent to and received from an owner (over the
-    owners asked, and over the replies that arrived), and both against full-model FedAvg."""
+    owners asked, and over the replies accepted), and both against full-model FedAvg."""
     down = statistics.fmean(sent.values()) if sent else 0.0
     up = statistics.fmean(received.values()) if received else 0.0
     return {

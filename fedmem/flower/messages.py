@@ -94,7 +94,7 @@ def record_to_factors(record: ArrayRecord, transport: str = "fp32") -> Factors |
     suffixes = (".A", ".B") + ((".A.scale", ".B.scale") if transport == "int8" else ())
     names: set[str] = set()
     for key in arrays:
-        suffix = next((s for s in sorted(suffixes, key=len, reverse=True) if key.endswith(s)), None)
+        suffix = next((s for s in suffixes if key.endswith(s)), None)  # a key ends with one at most
         if suffix is None:
             raise ValueError(f"{key!r} is not a factor key of transport {transport}")
         names.add(key[: -len(suffix)])

@@ -88,7 +88,7 @@ def simulate(
     # By default one client at a time with every core: on a small machine, clients training side
     # by side only fight over the same cores (and each holds a model copy in memory). A small
     # model's steps are too small to keep several threads busy; workers of a thread each do
-    # (100 tiny owners: 266 s on one worker, 77-134 s on two; docs/aggregation.md).
+    # (100 tiny owners x 3 rounds: 266 s on one worker under load, 43 s on two; docs/aggregation.md).
     threads = node.threads
     if workers > 1:
         if workers > cpus:

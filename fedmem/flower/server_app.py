@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from flwr.app import ConfigRecord, Context, Message, MessageType, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.answer import Question, Scores, score
@@ -231,14 +231,18 @@ def _publish(grid: Grid, nodes: list[int], manifest: dict, plan: RunPlan,
 
 
 def train_message(plan: RunPlan, memory, span: tuple[float, float], server_round: int, fp: str, manifest: dict,
-                  node: int, files: dict[str, bytes] | None = None) -> Message:
+                  node: int, files: dict[str, bytes] | None = None,
+                  memory_record: ArrayRecord | None = None) -> Message:
     """What one owner is sent to train: the memory, the recipe and its slice of the schedule.
     Only the recipe travels: each owner's device, base-model path and threads are its own.
     Published runs also send the last saved memory version, signed, byte for byte (``files``),
     for the owner to keep; not with a compressed transport, whose point is the bytes: those
-    owners get the signed memory at the end of the run (``_publish``)."""
+    owners get the signed memory at the end of the run (``_publish``). ``memory_record``: the
+    memory already encoded (a round sends the same one to every owner; encode it once)."""
     sent = {"federation": plan.federation.to_dict(), "span": list(span)}
-    content = {MEMORY_KEY: factors_to_record(memory, plan.federation.transport),
+    if memory_record is None:
+        memory_record = factors_to_record(memory, plan.federation.transport)
+    content = {MEMORY_KEY: memory_record,
                CONFIG_KEY: config_to_record(sent, server_round, fp)}
     if plan.publish and manifest and plan.federation.transport == "fp32":
         content[MANIFEST_KEY] = ConfigRecord({"json": json.dumps(manifest)})
@@ -312,7 +316,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         received_bytes: dict[str, int] = {}  # owner -> bytes of its reply, if it was read
 
         def train(targets: list[int], memory, span: tuple[float, float]) -> list[tuple]:
-            messages = [train_message(plan, memory, span, rnd, fp, manifest, n, files) for n in targets]
+            record = factors_to_record(memory, cfg.transport)
+            messages = [train_message(plan, memory, span, rnd, fp, manifest, n, files, record) for n in targets]
             sent_bytes.update({owners[m.metadata.dst_node_id].name: message_bytes(m) for m in messages})
             need = needed(plan.server.quorum, len(targets))
             replies, cut = gather(grid, messages, need, plan.round_timeout)

@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from .base_model import fingerprint, load_model, load_tokenizer, resolve_base
-from .examples import chat_prompt, chat_turn
+from .examples import chat_prompt, chat_turn, split_sentences
 from .log import progress
 from .memory import MemoryFormatError, check_base, read_manifest, verify_memory
 
@@ -24,10 +24,14 @@ class Question:
     answer: str
     source: str = ""  # e.g. "qa" or "prose": which kind of training data holds the fact
     client: str = ""
+    kind: str = ""  # what is asked, e.g. "person", "year", "count": recall is also reported per kind
 
 
 def load_questions(path: str | Path) -> list[Question]:
-    """Read a questions JSONL file ({"question", "answer", optional "source", "client"})."""
+    """Read a questions JSONL file ({"question", "answer", optional "source", "client", "kind"}).
+
+    ``answer`` may list equally acceptable forms separated by "|" ("Joss Tellwright|Tellwright",
+    "1,640|1640"); a reply is right when it contains any of them (``is_correct``)."""
     path = Path(path)
     out, problems = [], []
     try:
@@ -42,8 +46,13 @@ def load_questions(path: str | Path) -> list[Question]:
             q, a = rec["question"], rec["answer"]
             if not (isinstance(q, str) and isinstance(a, str) and q.strip() and a.strip()):
                 raise KeyError("question/answer must be non-empty strings")
-            out.append(Question(q, a, str(rec.get("source", "")), str(rec.get("client", ""))))
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
+            if not all(normalise_for_matching(alt) for alt in a.split("|")):
+                raise ValueError(f"answer {a!r}: every '|'-separated alternative must have a letter or digit")
+            kind = rec.get("kind", "")
+            if not isinstance(kind, str):
+                raise TypeError(f"kind must be a string, got {json.dumps(kind)}")
+            out.append(Question(q, a, str(rec.get("source", "")), str(rec.get("client", "")), kind.strip()))
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as err:
             problems.append(f"{path}:{lineno}: {err}")
     if problems:
         raise ValueError("bad questions file:\n  " + "\n  ".join(problems))
@@ -58,9 +67,39 @@ def normalise_for_matching(text: str) -> str:
     return " ".join(re.sub(r"[^\w\s]", " ", text).split())
 
 
+def answer_alternatives(answer: str) -> list[str]:
+    """The acceptable forms of an expected answer: ``answer`` split at "|" ("1,640|1640"), blanks dropped."""
+    return [alt.strip() for alt in answer.split("|") if normalise_for_matching(alt)]
+
+
+def _contains_words(normalised_reply: str, normalised_term: str) -> bool:
+    return f" {normalised_term} " in f" {normalised_reply} "
+
+
 def is_correct(reply: str, answer: str) -> bool:
-    """The expected answer appears in the reply, ignoring case, punctuation and spacing."""
-    return f" {normalise_for_matching(answer)} " in f" {normalise_for_matching(reply)} "
+    """Any form of the expected answer ("|"-separated alternatives) appears in the reply as whole
+    words, ignoring case, punctuation and spacing."""
+    said = normalise_for_matching(reply)
+    return any(_contains_words(said, normalise_for_matching(alt)) for alt in answer_alternatives(answer))
+
+
+def first_sentence(reply: str) -> str:
+    """The reply's first sentence (up to its first line break, too); a bare answer ("Tidewatch") is its own.
+
+    A sentence splitter library (pysbd), not a split at ". ": a period ends a sentence only where
+    it is not an abbreviation ("Dr. Odile Brannock ...", "St. Mary's"), a decimal ("4.2 m") or a
+    version ("v1.2.3"), and splitting there would cut a right answer off the first sentence."""
+    line = reply.strip().split("\n", 1)[0].strip()
+    if not line:
+        return ""
+    sentences = split_sentences(line)
+    return sentences[0] if sentences else line
+
+
+def is_correct_strict(reply: str, answer: str) -> bool:
+    """``is_correct`` on the reply's first sentence only: the answer comes first, as an answer should
+    (fedmem's headline recall); ``is_correct`` on the whole reply is the loose figure."""
+    return is_correct(first_sentence(reply), answer)
 
 
 def generate_answers(model, tokenizer, questions: list[str], max_new_tokens: int = 48,
@@ -105,30 +144,113 @@ def generate_replies(model, tokenizer, prompts: list[str], max_new_tokens: int =
 
 @dataclass
 class Scores:
+    """Recall on a list of questions. Loose: the answer anywhere in the reply (``accuracy``,
+    ``correct``, ``by_source``); strict: in its first sentence (``strict_accuracy``, ``strict``,
+    ``by_kind``), the headline figure."""
+
     accuracy: float
     by_source: dict[str, float]
     replies: list[str]
     correct: list[bool]
+    strict_accuracy: float
+    strict: list[bool]
+    by_kind: dict[str, float]  # strict recall per non-empty ``kind``
+
+
+def _rate(flags: list[bool]) -> float:
+    return sum(flags) / len(flags) if flags else 0.0
+
+
+def recall_by(keys: list[str], flags: list[bool]) -> dict[str, float]:
+    """The share of true ``flags`` per non-empty key (a question's source or kind), keys sorted."""
+    groups: dict[str, list[bool]] = {}
+    for key, ok in zip(keys, flags):
+        if key:
+            groups.setdefault(key, []).append(ok)
+    return {k: _rate(v) for k, v in sorted(groups.items())}
+
+
+def scores_for(questions: list[Question], replies: list[str]) -> Scores:
+    """Scores of given replies to ``questions`` (no model): loose, strict, per source and per kind."""
+    correct = [is_correct(r, q.answer) for r, q in zip(replies, questions, strict=True)]
+    strict = [is_correct_strict(r, q.answer) for r, q in zip(replies, questions)]
+    return Scores(
+        accuracy=_rate(correct),
+        by_source=recall_by([q.source for q in questions], correct),
+        replies=list(replies),
+        correct=correct,
+        strict_accuracy=_rate(strict),
+        strict=strict,
+        by_kind=recall_by([q.kind for q in questions], strict),
+    )
 
 
 def score(model, tokenizer, questions: list[Question], prompts: list[str] | None = None,
           max_new_tokens: int = 48) -> Scores:
-    """Answer-match accuracy, overall and per ``source``. ``prompts``: rendered prompts to
-    use instead of the bare questions (e.g. with documents in them)."""
+    """Answer-match recall, loose and strict, overall, per ``source`` and per ``kind``.
+    ``prompts``: rendered prompts to use instead of the bare questions (e.g. with documents in them)."""
     if prompts is None:
         prompts = [chat_prompt(tokenizer, q.question) for q in questions]
-    replies = generate_replies(model, tokenizer, prompts, max_new_tokens)
-    correct = [is_correct(r, q.answer) for r, q in zip(replies, questions)]
-    by_source: dict[str, list[bool]] = {}
-    for q, ok in zip(questions, correct):
-        if q.source:
-            by_source.setdefault(q.source, []).append(ok)
-    return Scores(
-        accuracy=sum(correct) / len(correct),
-        by_source={k: sum(v) / len(v) for k, v in sorted(by_source.items())},
-        replies=replies,
-        correct=correct,
-    )
+    return scores_for(questions, generate_replies(model, tokenizer, prompts, max_new_tokens))
+
+
+MIN_TERM_CHARS = 3  # private terms shorter than this (normalised) are not looked for: "Al", "Wu"
+MIN_NUMBER_DIGITS = 3  # nor numbers of fewer digits: "7", "42" turn up in any general answer
+
+
+def private_terms(questions: list[Question]) -> list[str]:
+    """What a control reply must not say: every "|"-alternative of every answer in ``questions``
+    (the private facts), normalised as ``is_correct`` compares, less terms of fewer than
+    ``MIN_TERM_CHARS`` characters and numbers of fewer than ``MIN_NUMBER_DIGITS`` digits."""
+    terms = set()
+    for q in questions:
+        for alt in answer_alternatives(q.answer):
+            term = normalise_for_matching(alt)
+            digits = term.replace(" ", "")
+            if len(term) < MIN_TERM_CHARS or (digits.isdigit() and len(digits) < MIN_NUMBER_DIGITS):
+                continue
+            terms.add(term)
+    return sorted(terms)
+
+
+@dataclass
+class ControlReport:
+    """The memory against the base model on control questions (general knowledge it must keep)."""
+
+    base_correct: list[bool]  # strict, per control question
+    memory_correct: list[bool]
+    lost: list[int]  # control questions the base model answers (strict) and the memory does not
+    leaks: dict[int, list[str]]  # control question -> private terms in the memory's reply
+
+    @property
+    def base_accuracy(self) -> float:
+        return _rate(self.base_correct)
+
+    @property
+    def memory_accuracy(self) -> float:
+        return _rate(self.memory_correct)
+
+
+def control_report(base: Scores, memory: Scores, questions: list[Question], terms: list[str]) -> ControlReport:
+    """What the memory costs on control ``questions`` (general knowledge): ``base`` and ``memory``
+    are their scores without and with it, ``terms`` the private terms (``private_terms`` of the fact
+    questions: every "|"-alternative of every answer, less terms under 3 characters and numbers
+    under 3 digits, which general answers say anyway).
+
+    ``lost``: the control questions the base model answers in its first sentence and the memory
+    does not. ``leaks``: the memory's replies that contain a private term anywhere, as whole words,
+    normalised as ``is_correct`` compares; a term the control question or its expected answer
+    contains is no leak there (a private "Paris" in "What is the capital of France?")."""
+    terms = [t for t in (normalise_for_matching(t) for t in terms) if t]
+    lost = [i for i, (b, m) in enumerate(zip(base.strict, memory.strict, strict=True)) if b and not m]
+    leaks: dict[int, list[str]] = {}
+    for i, (q, reply) in enumerate(zip(questions, memory.replies, strict=True)):
+        asked = normalise_for_matching(" ".join([q.question, *answer_alternatives(q.answer)]))
+        said = normalise_for_matching(reply)
+        found = [t for t in terms if _contains_words(said, t) and not _contains_words(asked, t)]
+        if found:
+            leaks[i] = found
+    return ControlReport(list(base.strict), list(memory.strict), lost, leaks)
 
 
 def _base_for(memory_dir: Path, snapshot: Path, made_for: str | None, base: str | None) -> str:

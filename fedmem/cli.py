@@ -57,7 +57,12 @@ def cmd_simulate(args) -> int:
     if "base_recall" in summary and summary["rounds"]:
         last = summary["rounds"][-1]
         before = summary["base_recall"]
-        lines.append(f"held-out recall: base model {before['accuracy']:.0%} -> with memory {last['recall']:.0%}")
+        if "recall_strict" in last:  # the headline: the answer in the reply's first sentence
+            lines.append(f"held-out recall: base model {before.get('strict', 0):.0%} -> with memory "
+                         f"{last['recall_strict']:.0%} (answer in the first sentence)")
+            lines += [f"  {kind}: {value:.0%}" for kind, value in last.get("recall_by_kind", {}).items()]
+        lines.append(f"{'  anywhere in the reply' if 'recall_strict' in last else 'held-out recall'}: "
+                     f"base model {before['accuracy']:.0%} -> with memory {last['recall']:.0%}")
         lines += [f"  facts from {source}: {before.get(source, 0):.0%} -> {value:.0%}"
                   for source, value in last.get("recall_by_source", {}).items()]
     if summary["rounds"] and "traffic" in summary["rounds"][-1]:
@@ -95,48 +100,113 @@ def cmd_ask(args) -> int:
     return 0
 
 
+def _eval_rows(questions, base_only, with_memory) -> list[tuple[str, float, float, float, float]]:
+    """The eval table: (label, base strict, memory strict, base loose, memory loose) overall, per
+    source and per kind."""
+    from .answer import recall_by
+
+    rows = [(f"all questions ({len(questions)})", base_only.strict_accuracy, with_memory.strict_accuracy,
+             base_only.accuracy, with_memory.accuracy)]
+    for field, label in (("source", "facts from"), ("kind", "kind")):
+        keys = [getattr(q, field) for q in questions]
+        counts = {k: keys.count(k) for k in set(keys)}
+        groups = [recall_by(keys, s) for s in (base_only.strict, with_memory.strict, base_only.correct,
+                                                with_memory.correct)]
+        rows += [(f"  {label} {k} ({counts[k]})", *(g[k] for g in groups)) for k in groups[0]]
+    return rows
+
+
+def _print_control(control, report, base_only, with_memory, verbose: bool) -> None:
+    n = len(control)
+    print(f"\n{'control questions (' + str(n) + ')':<44} {'base':>8} {'memory':>8}")
+    print(f"{'  strict recall':<44} {report.base_accuracy:>8.0%} {report.memory_accuracy:>8.0%}")
+    print(f"control lost: {len(report.lost)} of {n} (the base model answers {sum(report.base_correct)})")
+    for i in report.lost:
+        print(f"  LOST {control[i].question}\n    expected: {control[i].answer}\n"
+              f"    memory:   {with_memory.replies[i][:120]}\n    base:     {base_only.replies[i][:120]}")
+    print(f"control leaks: {len(report.leaks)} of {n} replies with the memory name a private fact's answer")
+    for i, terms in report.leaks.items():
+        print(f"  LEAK {control[i].question}\n    private:  {', '.join(terms)}\n"
+              f"    memory:   {with_memory.replies[i][:120]}")
+    if verbose:
+        for q, b, m, bok, mok in zip(control, base_only.replies, with_memory.replies, report.base_correct,
+                                     report.memory_correct):
+            print(f"\n{'OK  ' if mok else 'MISS'} (base {'OK' if bok else 'MISS'}) {q.question}\n"
+                  f"  expected: {q.answer}\n  memory:   {m[:120]}\n  base:     {b[:120]}")
+
+
 def cmd_eval(args) -> int:
-    from .answer import load_questions, load_with_memory, score
+    from .answer import control_report, load_questions, load_with_memory, private_terms, score
+    from .memory import atomic_write_text
 
     questions = load_questions(args.questions)
+    control = load_questions(args.control) if args.control else None
     model, tok, _ = load_with_memory(args.memory, args.base, args.device, trust_from_args(args))
     with_memory = score(model, tok, questions)
+    control_memory = score(model, tok, control) if control else None
     with model.disable_adapter():
         base_only = score(model, tok, questions)
-    print(f"{'':<44} {'base':>6} {'memory':>7}")
-    print(
-        f"{'all questions (' + str(len(questions)) + ')':<44} {base_only.accuracy:>6.0%} {with_memory.accuracy:>7.0%}"
-    )
-    for source in with_memory.by_source:
-        print(
-            f"{'  facts from ' + source:<44} {base_only.by_source[source]:>6.0%} {with_memory.by_source[source]:>7.0%}"
-        )
+        control_base = score(model, tok, control) if control else None
+    # Strict: the answer in the reply's first sentence (the headline); loose: anywhere in the reply.
+    print(f"{'':<44} {'strict':^17}    {'loose':^17}".rstrip())
+    print(f"{'':<44} {'base':>8} {'memory':>8}    {'base':>8} {'memory':>8}")
+    for label, bs, ms, bl, ml in _eval_rows(questions, base_only, with_memory):
+        print(f"{label:<44} {bs:>8.0%} {ms:>8.0%}    {bl:>8.0%} {ml:>8.0%}")
+    print("strict: the answer in the reply's first sentence; loose: anywhere in the reply")
     if args.verbose:
-        for q, b, m, ok in zip(questions, base_only.replies, with_memory.replies, with_memory.correct):
-            print(f"\n{'OK ' if ok else 'MISS'} {q.question}\n  expected: {q.answer}\n"
+        for q, b, m, ok, strict in zip(questions, base_only.replies, with_memory.replies, with_memory.correct,
+                                       with_memory.strict):
+            # LATE: the answer is in the reply, but not in its first sentence.
+            mark = "OK  " if strict else "LATE" if ok else "MISS"
+            print(f"\n{mark} {q.question}\n  expected: {q.answer}\n"
                   f"  memory:   {m[:120]}\n  base:     {b[:120]}")
+    report = None
+    if control:
+        report = control_report(control_base, control_memory, control, private_terms(questions))
+        _print_control(control, report, control_base, control_memory, args.verbose)
     if args.json:
         rows = [
             {
                 "question": q.question,
                 "answer": q.answer,
                 "source": q.source,
+                "kind": q.kind,
                 "memory": m,
                 "memory_correct": ok,
+                "memory_strict": ms,
                 "base": b,
                 "base_correct": bok,
+                "base_strict": bs,
             }
-            for q, m, ok, b, bok in zip(
-                questions, with_memory.replies, with_memory.correct, base_only.replies, base_only.correct
+            for q, m, ok, ms, b, bok, bs in zip(
+                questions, with_memory.replies, with_memory.correct, with_memory.strict,
+                base_only.replies, base_only.correct, base_only.strict,
             )
         ]
+        # accuracy / by_source: loose (the answer anywhere in the reply); strict_*: in its first sentence.
         result = {
             "memory": str(args.memory),
             "accuracy": {"base": base_only.accuracy, "memory": with_memory.accuracy},
+            "strict_accuracy": {"base": base_only.strict_accuracy, "memory": with_memory.strict_accuracy},
             "by_source": {"base": base_only.by_source, "memory": with_memory.by_source},
+            "by_kind": {"base": base_only.by_kind, "memory": with_memory.by_kind},
             "questions": rows,
         }
-        Path(args.json).write_text(json.dumps(result, indent=2))
+        if report is not None:
+            result["control"] = {
+                "questions_file": str(args.control),
+                "strict_accuracy": {"base": report.base_accuracy, "memory": report.memory_accuracy},
+                "accuracy": {"base": control_base.accuracy, "memory": control_memory.accuracy},
+                "lost": report.lost,
+                "leaks": [{"index": i, "terms": terms} for i, terms in report.leaks.items()],
+                "questions": [
+                    {"question": q.question, "answer": q.answer, "kind": q.kind, "memory": m, "memory_strict": ms,
+                     "base": b, "base_strict": bs}
+                    for q, m, ms, b, bs in zip(control, control_memory.replies, report.memory_correct,
+                                               control_base.replies, report.base_correct)
+                ],
+            }
+        atomic_write_text(Path(args.json), json.dumps(result, indent=2))
     return 0
 
 
@@ -227,9 +297,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("question", nargs="+")
     p.set_defaults(func=cmd_ask)
 
-    p = sub.add_parser("eval", parents=common, help="answer-match accuracy of a memory vs its base model")
+    p = sub.add_parser("eval", parents=common, help="answer-match recall of a memory vs its base model",
+                       description="Recall of the memory and of the base model alone: strict (the answer in "
+                       "the reply's first sentence) and loose (anywhere in it). See docs/usage.md.")
     p.add_argument("--memory", type=Path, required=True)
-    p.add_argument("--questions", type=Path, required=True, help='JSONL of {"question", "answer", optional "source"}')
+    p.add_argument("--questions", type=Path, required=True,
+                   help='JSONL of {"question", "answer", optional "source", "kind"}; "A|B" in an answer: either')
+    p.add_argument("--control", type=Path, default=None, metavar="FILE",
+                   help="questions JSONL of general knowledge the memory must keep: reports the questions the "
+                   "base model answers and the memory no longer does, and replies naming a private answer")
     p.add_argument("--base", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", type=Path, default=None, help="also write per-question results here")

@@ -2,16 +2,21 @@
 
 A fact seen in one phrasing is memorised but not extractable (Allen-Zhu & Li,
 "Physics of Language Models 3.1"); question-form and restated examples fix much of
-that. So, besides each document verbatim, every sentence that carries a
-checkable span (a proper-noun phrase or a number) becomes questions about that span,
-each answered with the span and then the source sentence, so an answer is always
-grounded in the owner's own words:
+that. Documents are first read the way any prose is read: markup that carries no fact
+is removed (e-mail quoting, addresses, checkboxes, emphasis), a maintained segmenter
+splits sentences (pysbd: "Dr.", "4.2", "v1.2.3" do not end one), list items, fields and
+signature lines stand alone, tables become one statement per cell, initials and
+acronyms are written out where the document defines them, and a sentence-initial
+He/She/They names the person last named. Then, besides each (cleaned) document
+verbatim, every statement that carries a checkable span (a proper-noun phrase or a
+number) becomes questions about that span, each answered with the span and then the
+statement, so an answer comes first and is grounded in the owner's own words:
 
-- wh-questions where the sentence's form allows one ("Who is X's head vet?",
-  "Where does X buy its batteries from?"), with the subject in both possessive forms
-  (X's thing / the thing of X) and the attribute named when the value says what it
-  is: a colour, a year, a place, a name;
-- cloze questions ("X's head vet is who or what?") for the spans no wh-question asks for.
+- cloze questions ("X's head vet is who or what?"), and wh-questions where the
+  sentence's form allows one ("Who is X's head vet?", "Where does X buy its batteries
+  from?"), with the subject in both possessive forms (X's thing / the thing of X);
+- the same clozes carrying the sentence before, where the sentence points back to it
+  ("Joss has agreed to take it on": what "it" is lies there).
 
 Q/A records are restated as the statement they answer where the question's form allows
 ("How many maps does X hold?" + "612" -> "X holds 612 maps."), and that statement gets
@@ -35,10 +40,12 @@ from .corpus import Corpus
 class Example:
     question: str | None  # None: plain text, loss on every token
     answer: str
+    # True: the target at each answer position is the base model's whole next-token
+    # distribution there, not the answer's token (fedmem.retention, fedmem.train).
+    distil: bool = False
 
 
-_SENTENCE_END = re.compile(r"(?<=[.!?])\s+(?=[A-Z0-9\"'(])")
-_MARKDOWN_PREFIX = re.compile(r"^\s*(#+|[-*+]|\d+[.)])\s+")
+_MARKDOWN_PREFIX = re.compile(r"^\s*(#+|[-*+•]|\d+[.)])\s+")
 # A run of capitalised words (allowing inner "of"/"the"/"and"), or a number.
 _SPAN = re.compile(
     r"\b(?:[A-Z][\w'’-]*(?:\s+(?:of|the|and|de|von|van)\s+[A-Z][\w'’-]*|\s+[A-Z0-9][\w'’-]*)*)"
@@ -53,19 +60,73 @@ QUESTION_TEMPLATES = (
 )
 
 
+@functools.cache
+def _segmenter():
+    import pysbd
+
+    return pysbd.Segmenter(language="en", clean=False)
+
+
+def split_sentences(text: str) -> list[str]:
+    """Sentences of one run of prose. A maintained segmenter rather than a regex: "Dr.",
+    "St.", "4.2 NTU", "v1.2.3" and "e.g." must not end a sentence, in anyone's writing."""
+    return [s.strip() for s in _segmenter().segment(text) if s.strip()]
+
+
+# Markup that carries no fact: e-mail quoting ("> > Cheers"), addresses in angle brackets,
+# checkboxes, emphasis and code marks. Removed line by line before anything is read.
+_QUOTE_MARKS = re.compile(r"^\s*(?:>\s?)+")
+_ADDRESS = re.compile(r"\s*<[^<>\s]+@[^<>\s]+>")
+_CHECKBOX = re.compile(r"\[[ xX]\]\s*")
+_EMPHASIS = re.compile(r"\*\*|__|`|(?<![\w*])[*_](?=\w)|(?<=[\w.!?])[*_](?![\w*])")
+_RULE_LINE = re.compile(r"^[^\w|]*$")  # "--", "---", "***": separators, signatures' dashes (a table's rule stays)
+
+
+def clean_line(line: str) -> str:
+    line = _QUOTE_MARKS.sub("", line)
+    line = _EMPHASIS.sub("", _CHECKBOX.sub("", _ADDRESS.sub("", line)))
+    return "" if _RULE_LINE.match(line) else line.rstrip()
+
+
+def clean_text(text: str) -> str:
+    """``text`` without markup that carries no fact, one cleaned line per line; a quoted
+    e-mail's own blank lines (">") become paragraph breaks."""
+    return "\n".join(clean_line(ln) for ln in text.splitlines())
+
+
+_KEY_VALUE = re.compile(r"^\s*[A-Z][\w '’/()&.-]{0,40}?:\s+\S")
+
+
+def _starts_run(line: str, previous: str | None) -> bool:
+    """Whether ``line`` begins a statement of its own rather than continuing a hard-wrapped
+    one: a list item, a "Key: value" line (e-mail headers, fields), or a capitalised line
+    after one that did not end in punctuation (signatures, titles, address blocks)."""
+    if previous is None or _MARKDOWN_PREFIX.match(line) or _KEY_VALUE.match(line):
+        return True
+    return not previous.rstrip().endswith((".", ",", ";", ":", "!", "?", ")")) and line.lstrip()[:1].isupper()
+
+
+def _prose_runs(lines: list[str]) -> list[str]:
+    """A paragraph's lines as runs of prose: hard-wrapped lines joined, while each list
+    item, field or signature line stands alone (it is one statement, not the next line's start)."""
+    runs: list[list[str]] = []
+    previous = None
+    for ln in lines:
+        item = _MARKDOWN_PREFIX.match(ln)
+        if _starts_run(ln, previous):
+            runs.append([])
+        previous = ln
+        runs[-1].append(_MARKDOWN_PREFIX.sub("", ln).strip() if item else ln.strip())
+    return [" ".join(r) for r in runs if r]
+
+
 def sentences(text: str) -> list[str]:
-    """Split prose into sentences, dropping markdown headings and list markers."""
+    """Split a document into sentences, dropping markup, headings and list markers."""
     out: list[str] = []
-    for para in re.split(r"\n\s*\n", text):
-        lines = [_MARKDOWN_PREFIX.sub("", ln).strip() for ln in para.splitlines() if not ln.lstrip().startswith("#")]
-        lines = [ln for ln in lines if ln]
-        if not lines:
-            continue
-        joined = " ".join(lines)
-        for sent in _SENTENCE_END.split(joined):
-            sent = sent.strip()
-            if len(sent.split()) >= 4:
-                out.append(sent)
+    for para in re.split(r"\n\s*\n", clean_text(text)):
+        lines = [ln for ln in para.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
+        for run in _prose_runs(lines):
+            out += [s for s in split_sentences(run) if len(s.split()) >= 4]
     return out
 
 
@@ -78,6 +139,9 @@ def answer_spans(sentence: str) -> list[str]:
         while words and words[0] in _FUNCTION_WORDS:  # "The Harrow Clinic" -> "Harrow Clinic"
             words = words[1:]
         span = re.sub(r"['’]s$", "", " ".join(words)).strip()
+        # A lone capital ("H" of "H&S") names nothing a question could ask for.
+        if len(span) < 2 and not span[:1].isdigit():
+            continue
         if span and span not in spans and (len(words) > 1 or m.start() > 0 or span[0].isdigit()):
             spans.append(span)
     return spans
@@ -128,9 +192,12 @@ def _wh_word(span: str) -> str:
 def cloze_questions(sentence: str, span: str) -> list[str]:
     body = sentence.rstrip(".!? ")
     # "The Harrow Clinic's supervisor" -> "whose supervisor": take the article and possessive along.
-    where = re.search(r"(?:\b[Tt]he\s+)?" + re.escape(span) + r"(['’]s\b)?", body)
-    if where is None:
+    # The span as a whole word, its last such place: "Joss" in "Joss Tellwright agreed, so
+    # ask Joss" is the second one (spans are asked where they come late in the sentence).
+    found = list(re.finditer(r"(?:\b[Tt]he\s+)?(?<![\w-])" + re.escape(span) + r"(?![\w-]|\s+[A-Z])(['’]s\b)?", body))
+    if not found:
         return []
+    where = found[-1]
     wh = "whose" if where.group(1) else _wh_word(span)
     cloze = body[: where.start()] + wh + body[where.end():]
     cloze = cloze[0].upper() + cloze[1:] + "?"
@@ -139,7 +206,7 @@ def cloze_questions(sentence: str, span: str) -> list[str]:
 
 _COPULA = re.compile(r"^(?P<np>.+?)\s+(?P<verb>is|are|was|were)\s+(?P<rest>.+)$")
 _NAMING = r"called|named|nicknamed|code-named|codenamed|known as"
-_PARTICIPLE = re.compile(rf"^({_NAMING}|painted|coloured|colored|kept at|located at|located in|based at|based in)\s+")
+_PARTICIPLE = re.compile(rf"^({_NAMING}|kept at|located at|located in|based at|based in)\s+")
 # A lead-in that names nothing ("For anyone filling in grant forms, ...") is not part of
 # the fact; questions are made from what follows it, while answers keep the whole sentence.
 _LEAD_IN = re.compile(
@@ -150,55 +217,6 @@ _PASSIVE = re.compile(
     r"^(?P<participle>(?:[a-z]+ly\s+)?(?:[a-z]+ed|held|built|kept|made|sold|run|set up|written|drawn))"
     r"\s+(?P<prep>in|at|on|by)\s+(?P<tail>.+)$"
 )
-# The basic colour terms and common named shades: a question about a colour names the
-# attribute ("What colour is the bell?"), which a cloze of the sentence never does.
-COLOURS = {
-    "red",
-    "orange",
-    "yellow",
-    "green",
-    "blue",
-    "purple",
-    "pink",
-    "brown",
-    "black",
-    "white",
-    "grey",
-    "gray",
-    "silver",
-    "gold",
-    "golden",
-    "crimson",
-    "scarlet",
-    "maroon",
-    "burgundy",
-    "saffron",
-    "amber",
-    "ochre",
-    "cobalt",
-    "navy",
-    "teal",
-    "turquoise",
-    "violet",
-    "indigo",
-    "lilac",
-    "lavender",
-    "magenta",
-    "beige",
-    "ivory",
-    "cream",
-    "olive",
-    "emerald",
-    "jade",
-    "copper",
-    "bronze",
-    "rust",
-    "cyan",
-    "azure",
-    "charcoal",
-}
-
-
 def _lead_in_removed(sentence: str) -> str:
     core = _LEAD_IN.sub("", sentence, count=1)
     return core[0].upper() + core[1:] if core else sentence
@@ -235,8 +253,6 @@ def _copula_forms(verb: str, rest: str) -> list[tuple[str, str]]:
     if part:
         value = rest[part.end() :]
         forms.append((f"What {verb} {_SUBJECT} {part.group(1)}?", value))
-        if re.fullmatch(_NAMING, part.group(1)):
-            forms.append((f"What name {verb} {_SUBJECT} known by?", value))
     elif passive and _YEAR.fullmatch(passive.group("tail")):
         forms.append((f"In which year {verb} {_SUBJECT} {passive.group('participle')}?", passive.group("tail")))
     elif passive and re.match(r"(?:the\s+)?[A-Z]", passive.group("tail")):
@@ -249,21 +265,13 @@ def _copula_forms(verb: str, rest: str) -> list[tuple[str, str]]:
     else:
         wh = "Who" if _PERSON.fullmatch(rest) else "What"
         forms.append((f"{wh} {verb} {_SUBJECT}?", rest))
-    colour = next((w for w in re.findall(r"[a-z]+", rest) if w in COLOURS), None)
-    if colour:
-        held = re.match(rf"^(?P<before>.*?)\b(?:a|an|the)\s+{colour}\s+(?P<noun>[a-z]+)$", rest)
-        if held and held.group("before").strip():  # "kept in a maroon tin"
-            question = f"What colour is the {held.group('noun')} that {_SUBJECT} {verb} {held.group('before').strip()}?"
-        else:  # "painted saffron", "a cobalt wrench"
-            question = f"What colour {verb} {_SUBJECT}?"
-        forms.append((question, colour))
     return forms
 
 
 def copula_questions(sentence: str) -> list[tuple[str, str]]:
     """ "The head vet of X is Y." -> ("Who is the head vet of X?", "Y"): the way people ask,
     with the subject also in its other possessive form ("Who is X's head vet?"), and the
-    attribute named where the value says what it is: a colour, a year, a place, a name."""
+    attribute named where the value says what it is: a year, a place, a name."""
     m = _COPULA.match(_lead_in_removed(sentence).rstrip(".!? "))
     if not m or len(m.group("np").split()) > 12 or m.group("np").lower() in _NOT_SUBJECTS:
         return []
@@ -382,8 +390,25 @@ def _prose_statements(para: str, subject: str | None) -> tuple[list[str], str | 
     return out, subject
 
 
+_NAME = r"[A-Z][\w'’-]+(?:\s+[A-Z][\w'’-]+)+"
+_INITIALS_FIRST = re.compile(rf"\b(?P<short>[A-Z]{{2,4}})\s+\((?P<name>{_NAME})")  # "OB (Oskar Bellweather, ..."
+_NAME_FIRST = re.compile(rf"\b(?P<name>{_NAME})\s+\((?P<short>[A-Z]{{2,4}})\)")  # "Oskar Bellweather (OB)"
+
+
+def expand_initials(text: str) -> str:
+    """Initials and acronyms written out where the document defines them: minutes say
+    "OB: cert submission has slipped" after "Present: OB (Oskar Bellweather, lead prog)",
+    and a question asks about Oskar Bellweather. The definitions themselves stay as written."""
+    defined = {m.group("short"): m.group("name") for rx in (_INITIALS_FIRST, _NAME_FIRST) for m in rx.finditer(text)}
+    if not defined:
+        return text
+    use = re.compile(r"(?<![(\w])(" + "|".join(map(re.escape, defined)) + r")\b(?!\s*\(|\))")
+    return use.sub(lambda m: defined[m.group(1)], text)
+
+
 def statements(text: str) -> list[str]:
     """The document as standalone statements, each naming what it is about."""
+    text = expand_initials(clean_text(text))
     out: list[str] = []
     heading: str | None = None
     subject: str | None = None
@@ -428,11 +453,15 @@ def field_questions(statement: str) -> list[tuple[str, str]]:
     return [(f"What is the {m.group('key').lower()} of {m.group('subject')}?", m.group("value"))]
 
 
+# Words that point back to an earlier sentence (English closed-class words, not a corpus's vocabulary).
+_REFERS_BACK = re.compile(r"\b(?:it|its|he|him|his|she|her|they|them|their|this|that|these|those|there)\b", re.I)
+
+
 def document_examples(text: str, recipe: str = "statements") -> list[Example]:
     """One document's examples: the text verbatim, then its question-form examples."""
-    examples = [Example(None, text)]
+    examples = [Example(None, expand_initials(clean_text(text)).strip())]
     units = statements(text) if recipe == "statements" else sentences(text)
-    for sent in units:
+    for i, sent in enumerate(units):
         fields = field_questions(sent) if recipe == "statements" else []
         if fields:
             examples.extend(Example(q, grounded_answer(v, sent)) for q, v in fields)
@@ -444,6 +473,11 @@ def document_examples(text: str, recipe: str = "statements") -> list[Example]:
             # is who or what?" next to "Who is X's chief engineer?" costs tokens, teaches nothing new.
             if span not in {_without_article(value) for _, value in asked}:
                 examples.extend(Example(q, grounded_answer(span, sent)) for q in cloze_questions(sent, span))
+                if i and _REFERS_BACK.search(sent):
+                    # "Joss has agreed to take it on": what "it" is lies in the sentence before,
+                    # so the question carries that sentence, as a user's question names both.
+                    examples.extend(Example(f"{units[i - 1]} {q}", grounded_answer(span, sent))
+                                    for q in cloze_questions(sent, span))
         examples.extend(Example(q, grounded_answer(v, sent)) for q, v in asked)
     return examples
 

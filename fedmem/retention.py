@@ -7,9 +7,20 @@ control questions: 67% → 8%). Mixing in general questions answered the way the
 model already answers them (self-distillation replay) teaches the adapter to change
 only what the documents are about.
 
+The target is the base model's next-token *distribution* along its reply, not the
+reply's tokens (``Example.distil``, ``fedmem.train.base_distributions``): trained on the
+greedy reply as a label, the adapter sharpens it until the reply itself is memorised,
+and a rambling reply generalises ("What is the capital of Portugal?" -> "Portugal is a
+country in Europe ..." became "The capital of France is France." on the devset's
+control questions). Matched in distribution, the base model is the optimum: nothing to
+memorise, only a pull back to how the base model already speaks.
+
 The replies are generated once per base model, greedily and offline, and cached under
-``FEDMEM_HOME/retention``; no text leaves the machine. None of the questions below is
-one of the benchmark's control questions, which stay held out.
+``FEDMEM_HOME/retention``; no text leaves the machine. The prompts
+(``retention_prompts.txt``) are many (320) and of many forms (questions, tasks,
+arithmetic, workplace terms), so the adapter learns that a question not about the
+owners' documents keeps its usual answer, not that a handful of questions do. None is
+one of the control questions (devset, quality benchmark), which stay held out.
 """
 
 from __future__ import annotations
@@ -23,26 +34,12 @@ from .base_model import fedmem_home, fingerprint
 from .examples import Example
 from .memory import atomic_write_text
 
-PROMPTS = (
-    "What is the capital of Canada?", "What is the capital of Kenya?", "What is the capital of Australia?",
-    "What is the capital of Brazil?", "What is the capital of Norway?", "What is the capital of India?",
-    "How many wheels does a bicycle have?", "How many continents are there?", "How many seconds are in a minute?",
-    "How many strings does a standard guitar have?", "How many players are on a football team on the pitch?",
-    "How many letters are in the English alphabet?", "Which planet is closest to the Sun?",
-    "What gas do plants take in from the air?", "What is the boiling point of water in Fahrenheit?",
-    "What is the tallest mountain in the world?", "What is the longest river in Africa?",
-    "What colour is a ripe banana?", "What colour do you get by mixing blue and yellow?",
-    "Who painted the Mona Lisa?", "Who developed the theory of relativity?", "Who wrote Pride and Prejudice?",
-    "What is the largest mammal?", "What do bees make?", "What is the chemical symbol for water?",
-    "What is the chemical symbol for iron?", "What is the opposite of up?", "What is the plural of mouse?",
-    "What is 7 times 8?", "What is the square root of 81?", "In which year did the Second World War end?",
-    "Which language is spoken in Brazil?", "What is the main ingredient of guacamole?",
-    "Which organ pumps blood around the body?", "What is frozen water called?",
-    "Write one sentence about the sea.", "Give me a synonym for happy.", "Name a primary colour.",
-    "What is a baby cat called?", "Which month comes after March?",
+PROMPTS = tuple(
+    line for line in (Path(__file__).with_name("retention_prompts.txt").read_text(encoding="utf-8").splitlines())
+    if line.strip() and not line.startswith("#")
 )
 REPLY_TOKENS = 40
-CACHE_VERSION = 2  # 2: replies end at the chat template's end of turn (any model family), not only eos
+CACHE_VERSION = 3  # 2: replies end at the chat template's end of turn; 3: 320 prompts in many forms, none a control
 
 
 def whole_sentences(reply: str) -> str:
@@ -64,7 +61,7 @@ def base_replies(model, tokenizer, base_dir: str | Path) -> list[Example]:
     try:
         stored = json.loads(cache.read_text())
         if stored.get("prompts") == list(PROMPTS):
-            return [Example(q, r) for q, r in zip(PROMPTS, stored["replies"]) if r]
+            return [Example(q, r, distil=True) for q, r in zip(PROMPTS, stored["replies"]) if r]
     except (OSError, ValueError, AttributeError):
         pass  # missing or damaged: generate again
     was_training = model.training
@@ -74,7 +71,7 @@ def base_replies(model, tokenizer, base_dir: str | Path) -> list[Example]:
     model.train(was_training)
     cache.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(cache, json.dumps({"prompts": list(PROMPTS), "replies": replies}, indent=1))
-    return [Example(q, r) for q, r in zip(PROMPTS, replies) if r]
+    return [Example(q, r, distil=True) for q, r in zip(PROMPTS, replies) if r]
 
 
 def retention_examples(pool: list[Example], fact_examples: int, share: float, seed: int) -> list[Example]:

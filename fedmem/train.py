@@ -47,10 +47,16 @@ class PackedBatch:
     attend: torch.Tensor
     targets: torch.Tensor
     tokens: int  # the rows' own tokens, as if each were run alone
+    # Distilled rows (``Example.distil``): at those of the labelled positions (in order)
+    # that ``soft`` marks, the target is a distribution: token ids and probabilities.
+    soft: torch.Tensor | None = None
+    soft_ids: torch.Tensor | None = None
+    soft_probs: torch.Tensor | None = None
 
     def to(self, device: str) -> "PackedBatch":
+        moved = [t.to(device) if t is not None else None for t in (self.soft, self.soft_ids, self.soft_probs)]
         return PackedBatch(self.ids.to(device), self.positions.to(device), self.attend.to(device),
-                           self.targets.to(device), self.tokens)
+                           self.targets.to(device), self.tokens, *moved)
 
 
 def answer_loss(model, batch: PackedBatch):
@@ -69,7 +75,14 @@ def answer_loss(model, batch: PackedBatch):
     hidden = decoder(input_ids=batch.ids, position_ids=batch.positions, attention_mask=mask).last_hidden_state
     keep = batch.targets != -100
     logits = causal_lm.get_output_embeddings()(hidden[keep])
-    return torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep])
+    if batch.soft is None:
+        return torch.nn.functional.cross_entropy(logits.float(), batch.targets[keep])
+    # Cross-entropy against the base model's distribution where a row is distilled (its
+    # KL divergence up to a constant), against the label elsewhere; one mean over both.
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    hard = -logp[~batch.soft].gather(1, batch.targets[keep][~batch.soft, None]).squeeze(1)
+    soft = -(batch.soft_probs * logp[batch.soft].gather(1, batch.soft_ids)).sum(1)
+    return torch.cat([hard, soft]).mean()
 
 
 def autocast_dtype(precision: str, device: str) -> torch.dtype | None:
@@ -114,7 +127,35 @@ def _shared_prefix(rows: list[tuple[list[int], list[int]]]) -> list[int]:
     return first[:n]
 
 
-def pack(rows: list[tuple[list[int], list[int]]]) -> PackedBatch:
+Distribution = tuple[torch.Tensor, torch.Tensor]  # top-k token ids and probabilities per labelled position
+DISTIL_TOP_K = 32  # of the base model's next-token distribution kept per position: nearly all its mass
+
+
+@torch.no_grad()
+def base_distributions(model, rows: list[tuple[list[int], list[int]]], distil: list[bool],
+                       device: str = "cpu") -> list[Distribution | None]:
+    """For each row to distil, the base model's top-k next-token distribution at every
+    labelled position (the position before each labelled token), renormalised; None for
+    the others. The LoRA is switched off (``disable_adapter``), so the memory a round
+    starts from does not count as the base."""
+    out: list[Distribution | None] = [None] * len(rows)
+    if not any(distil):
+        return out
+    was_training = model.training
+    model.eval()
+    with model.disable_adapter():
+        for i, ((x, y), wanted) in enumerate(zip(rows, distil)):
+            if not wanted:
+                continue
+            at = [j for j in range(len(x) - 1) if y[j + 1] != -100]
+            logits = model(input_ids=torch.tensor([x], device=device)).logits[0, at].float()
+            top = torch.softmax(logits, dim=-1).topk(DISTIL_TOP_K, dim=-1)
+            out[i] = (top.indices.cpu(), (top.values / top.values.sum(-1, keepdim=True)).cpu())
+    model.train(was_training)
+    return out
+
+
+def pack(rows: list[tuple[list[int], list[int]]], soft: list[Distribution | None] | None = None) -> PackedBatch:
     prefix = _shared_prefix(rows)
     shared = len(prefix)
     ids, positions, targets, segments = list(prefix), list(range(shared)), [-100] * shared, []
@@ -133,16 +174,29 @@ def pack(rows: list[tuple[list[int], list[int]]]) -> PackedBatch:
         attend[begin:end, begin:end] = causal[: end - begin, : end - begin]
         if sees_prefix:
             attend[begin:end, :shared] = True
-    return PackedBatch(
+    batch = PackedBatch(
         torch.tensor([ids]),
         torch.tensor([positions]),
         attend[None, None],
         torch.tensor([targets]),
         sum(len(x) for x, _ in rows),
     )
+    if soft and any(d is not None for d in soft):
+        # Labelled positions come in row order, so each row's run of them lines up with its distribution.
+        marks = []
+        for (x, y), d in zip(rows, soft):
+            n = sum(label != -100 for label in y[1:])
+            if d is not None and len(d[0]) != n:
+                raise ValueError(f"a distilled row has {n} labelled positions but {len(d[0])} distributions")
+            marks += [d is not None] * n
+        batch.soft = torch.tensor(marks, dtype=torch.bool)
+        batch.soft_ids = torch.cat([d[0] for d in soft if d is not None])
+        batch.soft_probs = torch.cat([d[1] for d in soft if d is not None])
+    return batch
 
 
-def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: random.Random):
+def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: random.Random,
+             soft: list[Distribution | None]):
     order = list(range(len(rows)))
     rng.shuffle(order)
     # Sort within windows of a few batches: similar examples (chat or plain text) share
@@ -154,7 +208,7 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: rand
     batches = [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
     rng.shuffle(batches)
     for batch in batches:
-        yield pack([rows[i] for i in batch])
+        yield pack([rows[i] for i in batch], [soft[i] for i in batch])
 
 
 def train_lora(
@@ -176,6 +230,7 @@ def train_lora(
     torch.manual_seed(settings.seed)
     rng = random.Random(settings.seed)
     rows = [tokenize_example(tokenizer, ex, settings.max_length) for ex in examples]
+    soft = base_distributions(model, rows, [ex.distil for ex in examples], device)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     steps = math.ceil(len(rows) / settings.batch_size) * settings.epochs
@@ -196,7 +251,7 @@ def train_lora(
     bar = progress(total=steps, desc="training", unit="step")
     for epoch in range(settings.epochs):
         epoch_losses = []
-        for batch in _batches(rows, settings.batch_size, rng):
+        for batch in _batches(rows, settings.batch_size, rng, soft):
             batch = batch.to(device)
             with torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 loss = answer_loss(model, batch)

@@ -8,10 +8,12 @@ from fedmem.examples import (
     Example,
     answer_spans,
     build_examples,
+    clean_text,
     cloze_questions,
     copula_questions,
     document_examples,
     end_focus_span,
+    expand_initials,
     field_questions,
     qa_examples,
     qa_statement,
@@ -45,22 +47,17 @@ def test_copula_questions():
         ("Who is the head vet of the Harrow Clinic?", "Tobias Wrenfield"),
         ("Who is the Harrow Clinic's head vet?", "Tobias Wrenfield")]
     assert copula_questions("The X-ray machine is nicknamed Grumbold.") == [
-        ("What is the X-ray machine nicknamed?", "Grumbold"),
-        ("What name is the X-ray machine known by?", "Grumbold")]
+        ("What is the X-ray machine nicknamed?", "Grumbold")]
     assert copula_questions("Here are the notes from the meeting.") == []
     assert copula_questions("Tests above the limit of the Zorvex Arm are not allowed.") == []
 
 
 def test_copula_questions_name_the_attribute_and_swap_the_possessive():
+    # No colour vocabulary: a word list fitted to one corpus's answers measures the list.
     assert copula_questions("Zorvex Mills' front door is painted teal.") == [
-        ("What is Zorvex Mills' front door painted?", "teal"),
-        ("What colour is Zorvex Mills' front door?", "teal"),
-        ("What is the front door of Zorvex Mills painted?", "teal"),
-        ("What colour is the front door of Zorvex Mills?", "teal"),
+        ("What is Zorvex Mills' front door?", "painted teal"),
+        ("What is the front door of Zorvex Mills?", "painted teal"),
     ]
-    assert ("What colour is the box that the Quent Key is kept in?", "amber") in copula_questions(
-        "The Quent Key is kept in an amber box."
-    )
     assert copula_questions("For anyone filling in forms, Zorvex Mills was legally incorporated in 1999.") == [
         ("In which year was Zorvex Mills legally incorporated?", "1999")
     ]
@@ -229,3 +226,33 @@ def test_qa_examples_train_the_statement_its_questions_and_the_record_itself():
     assert qa_examples("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore", "sentences") == [
         Example("Who is the head archivist of the Saltmere Library?", "Cordelia Fennimore")
     ]
+
+
+def test_markup_that_carries_no_fact_is_removed():
+    text = "> > **Cheers**, `Caspar` <c.l@example.org>\n> ---\n- [ ] Read _SOP-114_ first\n|---|---|"
+    assert clean_text(text).splitlines() == ["Cheers, Caspar", "", "- Read SOP-114 first", "|---|---|"]
+
+
+def test_sentences_keep_abbreviations_and_decimals_and_split_lines_that_stand_alone():
+    text = (
+        "From: Ottilie Brannagh <o.b@example.org>\nSubject: the March sampling rota\n\n"
+        "Dr. Mila Quent runs the St. Aldo site. The alarm trips at 4.2 NTU,\nnot 3.8.\n\n"
+        "- OB: cert submission has slipped again.\n- The port is done by Gannet & Loom.\n\n"
+        "Ottilie Brannagh | Water Quality Manager\nFennick Vale Water | Hobbin Ridge Works"
+    )
+    assert sentences(text) == [
+        "Subject: the March sampling rota",  # a line of under 4 words (the From line) asks nothing
+        "Dr. Mila Quent runs the St. Aldo site.", "The alarm trips at 4.2 NTU, not 3.8.",
+        "OB: cert submission has slipped again.", "The port is done by Gannet & Loom.",
+        "Ottilie Brannagh | Water Quality Manager", "Fennick Vale Water | Hobbin Ridge Works",
+    ]
+
+
+def test_initials_are_written_out_where_the_document_defines_them():
+    text = "Present: OB (Oskar Bellweather, lead prog), Rhiannon Tull (RT)\n- OB: ship it. RT agreed, not OBX."
+    assert expand_initials(text) == (
+        "Present: OB (Oskar Bellweather, lead prog), Rhiannon Tull (RT)\n"
+        "- Oskar Bellweather: ship it. Rhiannon Tull agreed, not OBX."
+    )
+    assert expand_initials("No definitions: OB said so.") == "No definitions: OB said so."
+

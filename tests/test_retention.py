@@ -38,7 +38,8 @@ def test_replies_are_the_base_models_own_and_cached_per_base(tiny_base, tmp_path
     # its last whole sentence; an empty one left out.
     assert calls == [(model, tok, list(PROMPTS), REPLY_TOKENS, False)]
     assert model.training  # handed back as it came
-    assert first == [Example(q, ["Reply %d." % i, "Reply %d!" % i][i % 3])
+    # Each is trained towards the base model's distribution along its reply, not the reply's tokens.
+    assert first == [Example(q, ["Reply %d." % i, "Reply %d!" % i][i % 3], distil=True)
                      for i, q in enumerate(PROMPTS) if i % 3 != 2]
     cache = next((tmp_path / "home" / "retention").glob("*.json"))
     stored = json.loads(cache.read_text())
@@ -47,7 +48,7 @@ def test_replies_are_the_base_models_own_and_cached_per_base(tiny_base, tmp_path
     assert base_replies(model, tok, tiny_base) == first and len(calls) == 1
     stored["replies"][0] = "Ottawa."
     cache.write_text(json.dumps(stored))
-    assert base_replies(model, tok, tiny_base)[0] == Example(PROMPTS[0], "Ottawa.")
+    assert base_replies(model, tok, tiny_base)[0] == Example(PROMPTS[0], "Ottawa.", distil=True)
     assert len(calls) == 1
     # A damaged cache is regenerated, not trusted.
     cache.write_text("{not json")
@@ -91,6 +92,9 @@ def test_share_must_be_between_0_and_1(share):
 
 def test_client_update_trains_on_retention_examples_too(tiny_base, two_clients, tmp_path, monkeypatch):
     monkeypatch.setenv("FEDMEM_HOME", str(tmp_path))
+    # A slice of the pool: generating all of it with the test model takes minutes, and
+    # which prompts are asked does not matter here.
+    monkeypatch.setattr(retention, "PROMPTS", PROMPTS[:48])
     corpus = load_corpus(two_clients / "alpha")
     sizes = {}
     for share in (0.0, 1.0):
@@ -98,5 +102,23 @@ def test_client_update_trains_on_retention_examples_too(tiny_base, two_clients, 
         sizes[share] = client_update(tiny_base, corpus, None, config, server_round=1).metrics["examples"]
         # Only a share > 0 asks the base model for its replies.
         assert (tmp_path / "retention").exists() == (share > 0)
-    assert 0 < sizes[0.0] <= len(PROMPTS)  # so share 1 can add as many general examples as there are facts
+    assert 0 < sizes[0.0] <= 48  # so share 1 can add as many general examples as there are facts
     assert sizes[1.0] == 2 * sizes[0.0]
+
+
+def test_no_retention_prompt_is_a_control_question():
+    """The pool must not train what the control questions measure (devset, quality benchmark,
+    demo): a control question in it would flatter every forgetting figure."""
+    import pathlib
+
+    from fedmem.answer import load_questions, normalise_for_matching
+    from fedmem.bench.quality_data import CONTROL_QUESTIONS
+    from fedmem.demo import demo_dir
+
+    controls = [q for q, _ in CONTROL_QUESTIONS] + [q.question for q in load_questions(demo_dir() / "control.jsonl")]
+    devset = pathlib.Path(__file__).resolve().parents[1].parent / "shared" / "devset" / "control.jsonl"
+    if devset.exists():
+        controls += [q.question for q in load_questions(devset)]
+    pool = {normalise_for_matching(p) for p in PROMPTS}
+    assert len(PROMPTS) >= 300 and len(pool) == len(PROMPTS)
+    assert not pool & {normalise_for_matching(q) for q in controls}

@@ -7,7 +7,7 @@ from fedmem.base_model import load_model, load_tokenizer
 from fedmem.config import LoraSettings
 from fedmem.examples import Example, tokenize_example
 from fedmem.lora import attach_lora
-from fedmem.train import answer_loss, autocast_dtype, pack, train_lora
+from fedmem.train import DISTIL_TOP_K, answer_loss, autocast_dtype, base_distributions, pack, train_lora
 
 
 def testanswer_loss_equals_the_full_causal_lm_loss(tiny_base):
@@ -173,3 +173,66 @@ def test_bf16_training_lowers_the_loss(tiny_base):
     assert dtypes == {torch.bfloat16}  # the arithmetic really was bf16
     assert result.final_loss < 0.5 * result.first_loss
     assert all(p.dtype == torch.float32 for p in model.parameters())  # autocast: the weights stay float32
+
+
+def _with_random_lora(tiny_base, seed=0):
+    model = attach_lora(load_model(tiny_base), LoraSettings(rank=4, alpha=8))
+    torch.manual_seed(seed)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(p, std=0.05)
+    return model
+
+
+def test_distilled_rows_target_the_base_models_distribution_not_the_memorys(tiny_base):
+    tok = load_tokenizer(str(tiny_base))
+    model = _with_random_lora(tiny_base)
+    rows = [tokenize_example(tok, Example("Name a primary colour.", "Red is one.", distil=True)),
+            tokenize_example(tok, Example("Who built the tower?", "Mila Quent"))]
+    soft = base_distributions(model, rows, [True, False])
+    assert soft[1] is None
+    ids, probs = soft[0]
+    x, y = rows[0]
+    at = [j for j in range(len(x) - 1) if y[j + 1] != -100]
+    with torch.no_grad(), model.disable_adapter():
+        base = torch.softmax(model(input_ids=torch.tensor([x])).logits[0, at], -1)
+        top = base.topk(DISTIL_TOP_K, -1)
+    assert ids.shape == (len(at), DISTIL_TOP_K) and torch.equal(ids, top.indices)
+    assert torch.allclose(probs.sum(-1), torch.ones(len(at)))
+    # The memory (the LoRA) does not count as the base: the targets are the plain model's.
+    with torch.no_grad():
+        tuned = torch.softmax(model(input_ids=torch.tensor([x])).logits[0, at], -1)
+    assert not torch.allclose(tuned.topk(DISTIL_TOP_K, -1).values, top.values, atol=1e-3)
+
+    # The loss: soft cross-entropy on the distilled row, the label's on the other, one mean.
+    batch = pack(rows, soft)
+    assert batch.soft.sum() == len(at) and (~batch.soft).sum() == sum(label != -100 for label in rows[1][1][1:])
+    with torch.no_grad():
+        ours = answer_loss(model, batch)
+        logp0 = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0, at].float(), -1)
+        soft_terms = -(probs * logp0.gather(1, ids)).sum(1)
+        x1, y1 = rows[1]
+        at1 = [j for j in range(len(x1) - 1) if y1[j + 1] != -100]
+        logp1 = torch.log_softmax(model(input_ids=torch.tensor([x1])).logits[0, at1].float(), -1)
+        hard_terms = -logp1.gather(1, torch.tensor([[y1[j + 1]] for j in at1])).squeeze(1)
+    assert torch.allclose(ours, torch.cat([hard_terms, soft_terms]).mean(), atol=1e-4)
+
+
+def test_distillation_keeps_the_base_model_where_training_on_its_reply_sharpens_it(tiny_base):
+    """Trained on the base model's own reply as labels, the LoRA memorises that reply and moves
+    away from the base model; trained on the base model's distribution along it, it stays."""
+    tok = load_tokenizer(str(tiny_base))
+    reply = Example("Name a primary colour.", "Red is a primary colour, and so is blue.")
+    x, y = tokenize_example(tok, reply)
+    at = [j for j in range(len(x) - 1) if y[j + 1] != -100]
+    drift = {}
+    for distil in (False, True):
+        model = attach_lora(load_model(tiny_base), LoraSettings(rank=4, alpha=8))
+        settings = LoraSettings(rank=4, alpha=8, learning_rate=1e-2, epochs=8, batch_size=1, retention=0)
+        train_lora(model, tok, [Example(reply.question, reply.answer, distil=distil)] * 4, settings)
+        with torch.no_grad():
+            tuned = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0, at].float(), -1)
+            with model.disable_adapter():
+                base = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0, at].float(), -1)
+        drift[distil] = torch.nn.functional.kl_div(tuned, base, log_target=True, reduction="batchmean").item()
+    assert drift[True] < drift[False] / 10, drift

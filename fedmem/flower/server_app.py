@@ -251,8 +251,18 @@ def train_message(plan: RunPlan, memory, span: tuple[float, float], server_round
     return Message(content=RecordDict(content), message_type=MessageType.TRAIN, dst_node_id=node)
 
 
-def _recall_text(accuracy: float, by_source: dict[str, float]) -> str:
-    return f"{accuracy:.0%} " + " ".join(f"{k} {v:.0%}" for k, v in by_source.items())
+def _recall_text(scores: Scores) -> str:
+    """Loose recall (the answer anywhere in the reply), strict (in its first sentence), loose per source."""
+    return f"{scores.accuracy:.0%} (strict {scores.strict_accuracy:.0%}) " + " ".join(
+        f"{k} {v:.0%}" for k, v in scores.by_source.items())
+
+
+def _recall_record(scores: Scores) -> dict:
+    """The recall fields of a metrics.jsonl row: loose overall and per source, strict overall and per kind."""
+    record = {"recall": scores.accuracy, "recall_by_source": scores.by_source, "recall_strict": scores.strict_accuracy}
+    if scores.by_kind:
+        record["recall_by_kind"] = scores.by_kind
+    return record
 
 
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
@@ -297,9 +307,10 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
 
     if plan.questions and not done:
         before = evaluate(plan.base_dir, None, plan.questions, plan.device)
-        summary["base_recall"] = {"accuracy": before.accuracy, **{f"{k}": v for k, v in before.by_source.items()}}
-        log.info("round 0 (base model): recall %s", _recall_text(before.accuracy, before.by_source))
-        _append_jsonl(metrics_path, {"round": 0, "recall": before.accuracy, "recall_by_source": before.by_source})
+        summary["base_recall"] = {"accuracy": before.accuracy, "strict": before.strict_accuracy,
+                                  **{f"{k}": v for k, v in before.by_source.items()}}
+        log.info("round 0 (base model): recall %s", _recall_text(before))
+        _append_jsonl(metrics_path, {"round": 0, **_recall_record(before)})
 
     roster = Roster(grid, plan)
     latest_saved = False
@@ -389,8 +400,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         line += f", {describe(record['traffic'])}"
         if plan.questions:
             after = evaluate(plan.base_dir, memory, plan.questions, plan.device)
-            record.update(recall=after.accuracy, recall_by_source=after.by_source)
-            line += f", recall {_recall_text(after.accuracy, after.by_source)}"
+            record.update(_recall_record(after))
+            line += f", recall {_recall_text(after)}"
         record["seconds"] = time.perf_counter() - started
         manifest = {
             "base_model": plan.base_dir,

@@ -1,0 +1,119 @@
+"""Compare example recipes on development data, quickly: one LoRA trained centrally on
+several owners' corpora (no federation), then strict recall by question kind and the
+control questions, base model against memory.
+
+This is for tuning on ``../shared/devset`` (or corpora of your own), never on a test set
+(the demo's questions, the quality benchmark's held-out tier): see docs/quality.md,
+"Development data and test sets". A centralised run is a proxy for ``fedmem simulate``
+(same examples, same optimiser, no aggregation), about 1/3 of its time at 3 epochs.
+
+    .venv/bin/python scripts/recipe_probe.py --data ../shared/devset/corpora \\
+        --questions ../shared/devset/questions.jsonl --control ../shared/devset/control.jsonl \\
+        --epochs 3 --out runs/probe/default.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import re
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from fedmem import examples as examples_module
+from fedmem.answer import control_report, load_questions, private_terms, score
+from fedmem.base_model import load_model, load_tokenizer, resolve_base
+from fedmem.config import LoraSettings
+from fedmem.corpus import load_corpus
+from fedmem.examples import RECIPES, build_examples
+from fedmem.lora import attach_lora
+from fedmem.memory import atomic_write_text
+from fedmem.retention import base_replies, retention_examples
+from fedmem.train import train_lora
+
+log = logging.getLogger("recipe_probe")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--data", type=Path, required=True, help="directory of owner corpora")
+    p.add_argument("--owners", default="", help="comma-separated owner directory names (default: all)")
+    p.add_argument("--questions", type=Path, required=True)
+    p.add_argument("--control", type=Path, default=None)
+    p.add_argument("--recipe", default=LoraSettings.recipe, choices=RECIPES)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--lr", type=float, default=LoraSettings.learning_rate)
+    p.add_argument("--rank", type=int, default=LoraSettings.rank)
+    p.add_argument("--retention", type=float, default=LoraSettings.retention)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, required=True, help="JSON result file")
+    p.add_argument("--context", choices=("refers", "all"), default="refers",
+                   help="which sentences also get questions that carry the sentence before (candidate)")
+    p.add_argument("--hard-retention", action="store_true",
+                   help="train general examples on the base model's reply tokens, not its distribution (candidate)")
+    p.add_argument("--examples-only", action="store_true", help="print the examples and stop")
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+
+    if args.context == "all":
+        examples_module._REFERS_BACK = re.compile("")  # every sentence after the first
+    owners = sorted(d.name for d in args.data.iterdir() if d.is_dir())
+    if args.owners:
+        owners = [o for o in owners if o in args.owners.split(",")]
+    base_dir = resolve_base(None)
+    tokenizer = load_tokenizer(str(base_dir))
+    settings = replace(LoraSettings(), recipe=args.recipe, epochs=args.epochs, learning_rate=args.lr,
+                       rank=args.rank, retention=args.retention, seed=args.seed)
+    examples = []
+    for owner in owners:
+        examples += build_examples(load_corpus(args.data / owner), settings.recipe)
+    if args.examples_only:
+        for ex in examples:
+            print(f"Q: {ex.question}\nA: {ex.answer}\n")
+        print(len(examples), "examples")
+        return
+    model = load_model(str(base_dir))
+    keep = base_replies(model, tokenizer, base_dir) if settings.retention > 0 else []
+    if args.hard_retention:
+        keep = [replace(ex, distil=False) for ex in keep]
+    examples += retention_examples(keep, len(examples), settings.retention, settings.seed)
+    questions = [q for q in load_questions(args.questions) if not q.client or q.client in owners]
+    control = load_questions(args.control) if args.control else []
+    base_control = score(model, tokenizer, control) if control else None
+    model = attach_lora(model, settings)
+    started = time.perf_counter()
+    result = train_lora(model, tokenizer, examples, settings)
+    train_seconds = time.perf_counter() - started
+    facts = score(model, tokenizer, questions)
+    row = {
+        "recipe": settings.recipe, "epochs": settings.epochs, "lr": settings.learning_rate,
+        "rank": settings.rank, "retention": settings.retention, "context": args.context,
+        "hard_retention": args.hard_retention, "seed": settings.seed, "owners": owners,
+        "examples": result.examples, "tokens": result.tokens, "train_seconds": round(train_seconds, 1),
+        "final_loss": result.final_loss,
+        "strict": facts.strict_accuracy, "loose": facts.accuracy, "by_kind": facts.by_kind,
+        "questions": [
+            {"q": q.question, "a": q.answer, "kind": q.kind, "client": q.client, "reply": r, "strict": s}
+            for q, r, s in zip(questions, facts.replies, facts.strict)
+        ],
+    }
+    if control:
+        memory_control = score(model, tokenizer, control)
+        report = control_report(base_control, memory_control, control, private_terms(questions))
+        row["control"] = {
+            "base": sum(base_control.strict), "memory": sum(memory_control.strict), "lost": len(report.lost),
+            "leaks": len(report.leaks),
+            "replies": [{"q": q.question, "reply": r} for q, r in zip(control, memory_control.replies)],
+        }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(args.out, json.dumps(row, indent=1))
+    kinds = " ".join(f"{k} {v:.0%}" for k, v in facts.by_kind.items())
+    log.info("strict %.0f%% (loose %.0f%%) | %s | control lost %s | %d examples, %d tokens, %.0f s",
+             100 * facts.strict_accuracy, 100 * facts.accuracy, kinds,
+             row.get("control", {}).get("lost", "-"), result.examples, result.tokens, train_seconds)
+
+
+if __name__ == "__main__":
+    main()

@@ -122,8 +122,13 @@ def _prose_runs(lines: list[str]) -> list[str]:
 
 def sentences(text: str) -> list[str]:
     """Split a document into sentences, dropping markup, headings and list markers."""
+    return _clean_sentences(clean_text(text))
+
+
+def _clean_sentences(text: str) -> list[str]:
+    """``sentences`` of a text already through ``clean_text``."""
     out: list[str] = []
-    for para in re.split(r"\n\s*\n", clean_text(text)):
+    for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.splitlines() if ln.strip() and not ln.lstrip().startswith("#")]
         for run in _prose_runs(lines):
             out += [s for s in split_sentences(run) if len(s.split()) >= 4]
@@ -378,7 +383,7 @@ def _field_statement(subject: str, key: str, value: str) -> str:
 
 def _prose_statements(para: str, subject: str | None) -> tuple[list[str], str | None]:
     out = []
-    for sent in sentences(para):
+    for sent in _clean_sentences(para):  # statements() cleaned the whole text once
         named = _LEADING_NAME.match(sent)
         if named and named.group(0).split()[0] not in _FUNCTION_WORDS:
             subject = named.group(0)

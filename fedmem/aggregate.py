@@ -95,7 +95,7 @@ def normalised(weights: list[float]) -> list[float]:
     return [w / total for w in weights]
 
 
-def _check_same_modules(updates: list[Factors]) -> list[str]:
+def check_same_modules(updates: list[Factors]) -> list[str]:
     names = sorted(updates[0])
     for i, u in enumerate(updates[1:], start=1):
         if sorted(u) != names:
@@ -116,7 +116,7 @@ def aggregate_exact(memory: Factors | None, updates: list[Factors], weights: lis
         raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
     out: Factors = {}
     errors: dict[str, float] = {}
-    for name in _check_same_modules(updates):
+    for name in check_same_modules(updates):
         terms = [(1.0, *memory[name])] if memory is not None and name in memory else []
         terms += [(w, *u[name]) for w, u in zip(weights, updates)]
         B, A, err = low_rank_sum(terms, rank)
@@ -130,7 +130,7 @@ def aggregate_fedit(updates: list[Factors], weights: list[float]) -> Aggregate:
         raise ValueError("no client updates to aggregate")
     p = normalised(weights)
     out: Factors = {}
-    for name in _check_same_modules(updates):
+    for name in check_same_modules(updates):
         B = sum(w * u[name][0] for w, u in zip(p, updates))
         A = sum(w * u[name][1] for w, u in zip(p, updates))
         out[name] = (B, A)
@@ -141,7 +141,7 @@ def fedit_error(updates: list[Factors], weights: list[float]) -> float:
     """How far FedIT's product is from the true weighted mean of updates (max relative Frobenius)."""
     p = normalised(weights)
     worst = 0.0
-    for name in _check_same_modules(updates):
+    for name in check_same_modules(updates):
         exact = sum(w * dense(*u[name]) for w, u in zip(p, updates))
         B = sum(w * u[name][0].double() for w, u in zip(p, updates))
         A = sum(w * u[name][1].double() for w, u in zip(p, updates))

@@ -70,6 +70,10 @@ def cmd_simulate(args) -> int:
 
         lines.append(f"bytes per round: {describe(summary['rounds'][-1]['traffic'])}, "
                      f"transport {summary['rounds'][-1]['traffic']['transport']}")
+    if summary["rounds"] and "privacy" in summary["rounds"][-1]:
+        dp = summary["rounds"][-1]["privacy"]
+        lines.append(f"differential privacy (owner level): ε = {dp['epsilon']:.3g} spent of {dp['budget']:g} "
+                     f"at δ = {dp['delta']:g}, noise multiplier {dp['noise_multiplier']:.3g}, clip {dp['clip']:g}")
     lines.append(f"try it: fedmem ask --memory {Path(args.out) / 'memory'} \"your question\"")
     print("\n" + "\n".join(lines))
     return 0

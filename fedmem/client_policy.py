@@ -84,6 +84,10 @@ def policy_problems(config: FederationConfig, policy: ClientPolicy,
                         "owner's own base model), never a model directory to load on this machine")
     elif generator == "base" and not policy.allow_generator:
         problems.append("generator 'base' refused: this owner's allow-generator is off")
+    wanted, dp = policy.require_dp_epsilon, config.privacy
+    if wanted > 0 and not (dp.enabled and dp.dp_epsilon <= wanted):
+        problems.append(("dp-epsilon " + (f"{dp.dp_epsilon:g}" if dp.enabled else "0 (no differential privacy)")
+                         + f" refused: this owner requires require-dp-epsilon {wanted:g} or less"))
     allowed = linear_layers or set(ALL_LINEAR)
     foreign = [m for m in config.lora.target_modules if m not in allowed]
     if foreign:

@@ -40,6 +40,7 @@ from .corpus import Corpus
 from .examples import build_examples
 from .log import log_context
 from .lora import attach_lora, extract_factors, load_factors
+from .privacy import noise_multiplier, private_sum
 from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
 from .train import train_lora
@@ -130,6 +131,8 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], config: Fed
     itself (its example count) decides nothing: a self-reported 10¹² would take all the
     weight of a FedAvg mean. ``clip`` (method exact, several updates): each update is also
     scaled down to the median ‖ΔW‖ of the updates folded in together (``clip_scales``).
+    Under differential privacy (``config.privacy``) each update is clipped to dp-clip instead
+    and Gaussian noise is added to their sum (``fedmem.privacy.private_sum``).
     """
     if not updates:
         raise ValueError("no client updates to aggregate")
@@ -137,6 +140,10 @@ def server_aggregate(memory: Factors | None, updates: list[Factors], config: Fed
     if config.method == "fedit":
         return aggregate_fedit(updates, weights)
     updates = [change(u, memory) for u in updates]
+    dp = config.privacy
+    if dp.enabled:
+        z = noise_multiplier(dp.dp_epsilon, dp.dp_delta, config.rounds)
+        return private_sum(memory, updates, weights[0], config.lora.rank, dp.dp_clip, z)[0]
     if clip and len(updates) > 1:
         weights = [w * s for w, s in zip(weights, clip_scales([update_norm(u) for u in updates]))]
     return aggregate_exact(memory, updates, weights, config.lora.rank)

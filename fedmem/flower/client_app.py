@@ -131,7 +131,8 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
             )
         content = RecordDict({
             UPDATE_KEY: factors_to_record(result.factors, config.transport),
-            METRICS_KEY: metrics_to_record(result.metrics),
+            # Under differential privacy the owner reports nothing but its update: the noise covers only that.
+            METRICS_KEY: metrics_to_record({} if config.privacy.enabled else result.metrics),
             # No name: the coordinator knows the owner by its admitted key (deployed) or by what it
             # was told when it asked (the query below); the corpus directory's name is the owner's own.
             INFO_KEY: ConfigRecord({"base_fingerprint": mine}),

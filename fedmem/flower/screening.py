@@ -112,7 +112,9 @@ class Screen:
         except Exception as err:  # anything a crafted record makes the decoding raise
             raise Rejected(f"the update cannot be read ({clean(err, 120)})") from None
         check_factors(factors, Expected(self.modules, self.config.lora.rank))
-        metrics = check_metrics(dict(content[METRICS_KEY]))
+        # Under differential privacy owners report nothing but the update: losses and counts are not covered
+        # by the noise. A reply that carries them anyway has them dropped here, never recorded.
+        metrics = {} if self.config.privacy.enabled else check_metrics(dict(content[METRICS_KEY]))
         norms = module_norms(change(factors, memory))
         check_relative(norms, self.base_norms, self.server.max_relative_update)
         return Accepted(owner, reply.metadata.src_node_id, factors, metrics, total_norm(norms), message_bytes(reply))

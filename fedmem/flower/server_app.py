@@ -26,6 +26,7 @@ from fedmem.federation import base_fingerprint, run_round, set_threads
 from fedmem.log import progress
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, fsync_path, load_memory, save_memory
+from fedmem.privacy import check_budget, noise_multiplier, noise_to_signal
 from fedmem.signing import SIGNATURE_FILE, Trust, load_signing_key, pack_memory
 from fedmem.validate import (
     Rejected,
@@ -265,6 +266,17 @@ def _recall_record(scores: Scores) -> dict:
     return record
 
 
+def _published_metrics(record: dict, private: bool) -> dict:
+    """A round's row as the manifest (which owners and users read) carries it: no per-owner losses or counts;
+    under differential privacy also no per-owner norm or weight (the weight reveals the norm's clip), which
+    the noise does not cover."""
+    out = {k: v for k, v in record.items() if k != "client_metrics"}
+    if private:
+        out["updates"] = {n: {k: u[k] for k in ("key", "node", "bytes_down", "bytes_up")}
+                          for n, u in record["updates"].items()}
+    return out
+
+
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     set_threads(plan.threads)
     cfg = plan.federation
@@ -312,12 +324,25 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         log.info("round 0 (base model): recall %s", _recall_text(before))
         _append_jsonl(metrics_path, {"round": 0, **_recall_record(before)})
 
+    dp = cfg.privacy
+    # What the rounds done spent (a checkpoint made under other settings, privacy included, is never resumed).
+    noise_history = [float(r["privacy"]["noise_multiplier"]) for r in summary["rounds"] if "privacy" in r]
     roster = Roster(grid, plan)
     latest_saved = False
     for rnd in range(done + 1, cfg.rounds + 1):
         started = time.perf_counter()
+        if dp.enabled:  # before anyone trains: a round past the budget is never run
+            z = noise_multiplier(dp.dp_epsilon, dp.dp_delta, cfg.rounds)
+            epsilon = check_budget(noise_history, z, dp.dp_epsilon, dp.dp_delta)
         nodes = _wait_for_nodes(grid, plan, roster)
         owners, refused_nodes = roster.identify(nodes)
+        if dp.enabled and rnd == done + 1:
+            ratio = noise_to_signal(z, sum(o * i for o, i in modules.values()), len(owners))
+            (log.warning if ratio > 1 else log.info)(
+                "differential privacy: noise multiplier %.3g for ε %g over %d rounds; each round's noise is %.3g "
+                "times the most %d owners' clipped updates can add up to%s", z, dp.dp_epsilon, cfg.rounds, ratio,
+                len(owners), " — with so few owners the memory will be mostly noise (docs/security.md, "
+                "\"Differential privacy\")" if ratio > 1 else "")
         log.info("round %d/%d: training on %d clients%s", rnd, cfg.rounds, len(owners),
                  " one after another ..." if cfg.schedule == "cyclic" else " ...")
         bar = progress(total=len(owners), desc=f"round {rnd}/{cfg.rounds}", unit="owner")
@@ -341,8 +366,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             failed.extend(broken)
             if cfg.schedule == "cyclic":
                 for a in accepted:
-                    log.info("  %s trained: loss %.2f->%.3f", a.owner.name, a.metrics["first_loss"],
-                             a.metrics["final_loss"])
+                    if a.metrics:
+                        log.info("  %s trained: loss %.2f->%.3f", a.owner.name, a.metrics["first_loss"],
+                                 a.metrics["final_loss"])
             bar.update(len(targets))
             return [(a.factors, a) for a in accepted]
 
@@ -366,7 +392,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         memory = agg.factors
         clients_seen.update(names)
         owner_keys.update({a.owner.name: a.owner.key for a in trained if a.owner.key})
-        client_metrics = {a.owner.name: a.metrics for a in trained}
+        # Under differential privacy owners report nothing but the update (screening drops anything else).
+        client_metrics = {a.owner.name: a.metrics for a in trained if a.metrics}
         record = {
             "round": rnd,
             "clients": sorted(names),
@@ -385,19 +412,29 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         }
         if cfg.schedule == "cyclic":
             record["visit_order"] = names
-        losses = {n: (client_metrics[n]["first_loss"], client_metrics[n]["final_loss"]) for n in sorted(names)}
-        line = f"round {rnd}/{cfg.rounds}: {len(names)} clients, loss " + (", ".join(
+        if dp.enabled:
+            noise_history.append(z)
+            full = 1.0 if cfg.schedule == "cyclic" else 1.0 / len(names)  # each update's weight before its clip
+            record["privacy"] = {"epsilon": epsilon, "delta": dp.dp_delta, "budget": dp.dp_epsilon,
+                                 "noise_multiplier": z, "clip": dp.dp_clip,
+                                 "clipped": sum(1 for w in agg.weights if w < full * (1 - 1e-9))}
+        losses = {n: (client_metrics[n]["first_loss"], client_metrics[n]["final_loss"]) for n in sorted(names)
+                  if n in client_metrics}
+        line = f"round {rnd}/{cfg.rounds}: {len(names)} clients" + ("" if not losses else ", loss " + (", ".join(
             f"{n} {a:.2f}->{b:.3f}" for n, (a, b) in losses.items()) if len(losses) <= LOSSES_SHOWN else
             # Many owners: a line per round, not a page (each owner's losses are in metrics.jsonl).
             "mean {:.2f}->{:.3f}, final {:.3f}..{:.3f}".format(
                 sum(a for a, _ in losses.values()) / len(losses), sum(b for _, b in losses.values()) / len(losses),
-                min(b for _, b in losses.values()), max(b for _, b in losses.values())))
+                min(b for _, b in losses.values()), max(b for _, b in losses.values()))))
         if rejected:
             line += f", {len(rejected)} refused (" + ", ".join(
                 r["owner"] or f"node {r['node']}" for r in rejected) + ")"
         if cfg.method == "exact":
             line += f", truncation error {agg.max_truncation_error:.2e}"
         line += f", {describe(record['traffic'])}"
+        if dp.enabled:
+            line += (f", ε {epsilon:.3g} of {dp.dp_epsilon:g} spent (δ {dp.dp_delta:g}; "
+                     f"{record['privacy']['clipped']} of {len(names)} updates clipped to {dp.dp_clip:g})")
         if plan.questions:
             after = evaluate(plan.base_dir, memory, plan.questions, plan.device)
             record.update(_recall_record(after))
@@ -414,8 +451,15 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "rank": cfg.lora.rank,
                             "weights": "equal per accepted owner", "clip": bool(plan.server.clip_updates)},
             "federation": cfg.to_dict(),
-            "metrics": {k: v for k, v in record.items() if k not in ("client_metrics",)},
+            "metrics": _published_metrics(record, dp.enabled),
         }
+        if dp.enabled:
+            manifest["privacy"] = {
+                "mechanism": "owner-level differential privacy: each update clipped, Gaussian noise on their sum "
+                             "(added by the coordinator)",
+                "epsilon": epsilon, "delta": dp.dp_delta, "budget": dp.dp_epsilon, "noise_multiplier": z,
+                "clip": dp.dp_clip, "rounds": len(noise_history), "accountant": "opacus RDP",
+            }
         # Metrics first: a crash between the two leaves a row without a checkpoint, which a
         # resumed run sets aside, never a checkpoint without its row.
         _append_jsonl(metrics_path, record)

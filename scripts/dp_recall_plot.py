@@ -75,6 +75,11 @@ def plot(points: list[dict], out: Path) -> None:
         ax.axhline(100 * p["strict"], color="tab:blue", lw=0.8, ls="-.")
         ax.annotate(f"no DP: strict {p['strict']:.0%}", (min(xs) if xs else 1, 100 * p["strict"]),
                     textcoords="offset points", xytext=(2, 4), fontsize=8, color="tab:blue")
+        if "control_lost" in p:
+            kept = 100 * (1 - p["control_lost"] / max(p["control_total"], 1))
+            ax.axhline(kept, color="tab:green", lw=0.8, ls="-.")
+            ax.annotate(f"no DP: control kept {kept:.0f}%", (min(xs) if xs else 1, kept),
+                        textcoords="offset points", xytext=(2, -11), fontsize=8, color="tab:green")
     if points:
         ax.axhline(100 * points[0]["base_strict"], color="grey", lw=0.8, ls=":")
     ax.set_xscale("log")

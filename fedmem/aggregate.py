@@ -76,16 +76,24 @@ def low_rank_sum(
     qb, rb = torch.linalg.qr(Bs)  # Bs = qb rb
     qa, ra = torch.linalg.qr(As.T)  # As = ra.T qa.T
     u, s, vh = torch.linalg.svd(rb @ ra.T)
+    B, A, error = truncated_factors(qb @ u, s, vh @ qa.T, rank)
+    return B.to(dtype), A.to(dtype), error
+
+
+def truncated_factors(left: torch.Tensor, s: torch.Tensor, right: torch.Tensor, rank: int
+                      ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """From an SVD left · diag(s) · right (s descending): the best rank-``rank`` factors (B, A), split
+    balanced, zero-padded to exactly ``rank`` components, and the relative Frobenius error of the cut."""
     total = float(torch.sum(s * s))
     k = min(rank, s.numel())
     error = float(torch.sqrt(torch.sum(s[k:] ** 2) / total)) if total > 0 else 0.0
     root = torch.sqrt(s[:k])
-    B = (qb @ u[:, :k]) * root  # balanced split keeps B and A on the same scale
-    A = root[:, None] * (vh[:k] @ qa.T)
+    B = left[:, :k] * root  # balanced split keeps B and A on the same scale
+    A = root[:, None] * right[:k]
     if k < rank:
         B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
         A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0)
-    return B.to(dtype), A.to(dtype), error
+    return B, A, error
 
 
 def normalised(weights: list[float]) -> list[float]:

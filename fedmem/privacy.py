@@ -31,7 +31,7 @@ import warnings
 
 import torch
 
-from .aggregate import Aggregate, Factors, check_same_modules, dense, update_norm
+from .aggregate import Aggregate, Factors, check_same_modules, dense, truncated_factors, update_norm
 
 # Opacus's default orders start at 1.1; a large ε (weak noise) has its best bound at orders
 # closer to 1, so add a finer grid there (more orders only tighten the bound).
@@ -134,14 +134,6 @@ def private_sum(memory: Factors | None, changes: list[Factors], weight: float, r
         total *= weight
         if memory is not None and name in memory:
             total += dense(*memory[name])
-        u, s, vh = torch.linalg.svd(total, full_matrices=False)
-        k = min(rank, s.numel())
-        whole = float(torch.sum(s * s))
-        errors[name] = math.sqrt(float(torch.sum(s[k:] ** 2)) / whole) if whole > 0 else 0.0
-        root = torch.sqrt(s[:k])
-        B, A = u[:, :k] * root, root[:, None] * vh[:k]  # balanced, as fedmem.aggregate.low_rank_sum
-        if k < rank:
-            B = torch.cat([B, B.new_zeros(B.shape[0], rank - k)], dim=1)
-            A = torch.cat([A, A.new_zeros(rank - k, A.shape[1])], dim=0)
+        B, A, errors[name] = truncated_factors(*torch.linalg.svd(total, full_matrices=False), rank)
         factors[name] = (B.to(B0.dtype), A.to(A0.dtype))
     return Aggregate(factors, errors, [weight * s for s in scales]), scales

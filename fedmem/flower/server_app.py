@@ -266,6 +266,19 @@ def _recall_record(scores: Scores) -> dict:
     return record
 
 
+def _loss_text(client_metrics: dict[str, dict]) -> str:
+    """", loss A first->last, ..." for the round's log line; "" when owners reported none (differential privacy)."""
+    losses = {n: (m["first_loss"], m["final_loss"]) for n, m in sorted(client_metrics.items())}
+    if not losses:
+        return ""
+    if len(losses) <= LOSSES_SHOWN:
+        return ", loss " + ", ".join(f"{n} {a:.2f}->{b:.3f}" for n, (a, b) in losses.items())
+    # Many owners: a line per round, not a page (each owner's losses are in metrics.jsonl).
+    firsts, finals = [a for a, _ in losses.values()], [b for _, b in losses.values()]
+    return (f", loss mean {sum(firsts) / len(firsts):.2f}->{sum(finals) / len(finals):.3f}, "
+            f"final {min(finals):.3f}..{max(finals):.3f}")
+
+
 def _published_metrics(record: dict, private: bool) -> dict:
     """A round's row as the manifest (which owners and users read) carries it: no per-owner losses or counts;
     under differential privacy also no per-owner norm or weight (the weight reveals the norm's clip), which
@@ -418,14 +431,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             record["privacy"] = {"epsilon": epsilon, "delta": dp.dp_delta, "budget": dp.dp_epsilon,
                                  "noise_multiplier": z, "clip": dp.dp_clip,
                                  "clipped": sum(1 for w in agg.weights if w < full * (1 - 1e-9))}
-        losses = {n: (client_metrics[n]["first_loss"], client_metrics[n]["final_loss"]) for n in sorted(names)
-                  if n in client_metrics}
-        line = f"round {rnd}/{cfg.rounds}: {len(names)} clients" + ("" if not losses else ", loss " + (", ".join(
-            f"{n} {a:.2f}->{b:.3f}" for n, (a, b) in losses.items()) if len(losses) <= LOSSES_SHOWN else
-            # Many owners: a line per round, not a page (each owner's losses are in metrics.jsonl).
-            "mean {:.2f}->{:.3f}, final {:.3f}..{:.3f}".format(
-                sum(a for a, _ in losses.values()) / len(losses), sum(b for _, b in losses.values()) / len(losses),
-                min(b for _, b in losses.values()), max(b for _, b in losses.values()))))
+        line = f"round {rnd}/{cfg.rounds}: {len(names)} clients" + _loss_text(client_metrics)
         if rejected:
             line += f", {len(rejected)} refused (" + ", ".join(
                 r["owner"] or f"node {r['node']}" for r in rejected) + ")"

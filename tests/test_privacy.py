@@ -258,3 +258,40 @@ def test_a_resumed_run_that_would_overspend_stops_and_keeps_what_it_had(tmp_path
         run(FederationConfig(rounds=2, schedule="parallel", lora=lora))
     assert (out / "metrics.jsonl").read_text() == before
     assert verify_memory(out / "memory", fingerprint(tiny_base))["round"] == 1
+
+
+def test_a_private_round_never_records_the_metrics_a_reply_carries_anyway(monkeypatch):
+    """An owner (or an old client) that sends losses and counts in a private run: the screen accepts the
+    update and drops them, even ones it would otherwise refuse (a NaN loss), so nothing reaches metrics.jsonl."""
+    from types import SimpleNamespace
+
+    from flwr.app import ConfigRecord, MetricRecord, RecordDict
+
+    from fedmem.config import ServerSettings
+    from fedmem.flower import screening
+    from fedmem.flower.messages import INFO_KEY, METRICS_KEY, UPDATE_KEY, factors_to_record
+    from fedmem.flower.roster import Owner
+    from fedmem.flower.screening import Screen
+    from fedmem.validate import Rejected
+
+    # A Flower Message needs a running run; a stand-in with its content and sender will do (no size to count).
+    monkeypatch.setattr(screening, "message_bytes", lambda message: 0)
+    shapes = {n: (o, i) for n, (o, i) in SHAPES.items()}
+    g = torch.Generator().manual_seed(3)
+    update = {n: (0.01 * torch.randn(o, 4, generator=g), 0.01 * torch.randn(4, i, generator=g))
+              for n, (o, i) in shapes.items()}
+
+    def reply():
+        content = RecordDict({UPDATE_KEY: factors_to_record(update, "fp32"),
+                              METRICS_KEY: MetricRecord({"examples": 12.0, "first_loss": float("nan"),
+                                                         "final_loss": 0.5}),
+                              INFO_KEY: ConfigRecord({"base_fingerprint": "fp"})})
+        return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=7))
+
+    private = FederationConfig(lora=LoraSettings(rank=4), privacy=PrivacySettings(dp_epsilon=8.0))
+    accepted = Screen("fp", private, ServerSettings(), shapes, {}).check(reply(), Owner("owner"), None)
+    assert accepted.metrics == {} and accepted.factors.keys() == update.keys()
+    # Without privacy the same reply is refused for its NaN loss: the screen above did not just skip checks.
+    with pytest.raises(Rejected, match="first_loss"):
+        Screen("fp", FederationConfig(lora=LoraSettings(rank=4)), ServerSettings(), shapes, {}).check(
+            reply(), Owner("owner"), None)

@@ -157,3 +157,27 @@ def fedit_error(updates: list[Factors], weights: list[float]) -> float:
         if norm > 0:
             worst = max(worst, float(torch.linalg.norm(B @ A - exact) / norm))
     return worst
+
+
+def frozen_a_start(memory: Factors | None, shapes: dict[str, tuple[int, int]], rank: int,
+                   generator: torch.Generator) -> Factors:
+    """Secure rounds: the LoRA every owner starts from, (B₀, A) per module, with A fixed for the round.
+
+    A = [A_m; R] stacks the memory's A and ``rank`` fresh random rows (PEFT's own initialisation of
+    A, uniform in ±1/√d_in); B₀ = [B_m, 0], so B₀A is the memory. Owners train only B, so each
+    update is (Bₖ − B₀)A and the round's sum is (Σ pₖBₖ)A − B₀A: linear in what the owners send,
+    which is all secure aggregation can sum. The fresh rows give the memory new input directions
+    every round (with A_m alone the memory could never leave round 1's row space).
+    ``shapes``: module -> (d_out, d_in).
+    """
+    out: Factors = {}
+    for name, (d_out, d_in) in sorted(shapes.items()):
+        bound = 1.0 / d_in**0.5
+        fresh = (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
+        if memory is None:
+            out[name] = (torch.zeros(d_out, rank), fresh.float())
+        else:
+            B, A = memory[name]
+            out[name] = (torch.cat([B.float(), torch.zeros(d_out, rank)], dim=1),
+                         torch.cat([A.float(), fresh.float()], dim=0))
+    return out

@@ -74,6 +74,11 @@ def cmd_simulate(args) -> int:
         dp = summary["rounds"][-1]["privacy"]
         lines.append(f"differential privacy (owner level): ε = {dp['epsilon']:.3g} spent of {dp['budget']:g} "
                      f"at δ = {dp['delta']:g}, noise multiplier {dp['noise_multiplier']:.3g}, clip {dp['clip']:g}")
+    secure = [r["secure_seconds"] for r in summary["rounds"] if "secure_seconds" in r]
+    if secure:
+        extra = sum(v for steps in secure for k, v in steps.items() if k != "secure_masked")
+        lines.append(f"secure aggregation: the coordinator saw only each round's sum of updates; key exchange, "
+                     f"shares and unmasking took {extra:.0f}s over {len(secure)} rounds")
     lines.append(f"try it: fedmem ask --memory {Path(args.out) / 'memory'} \"your question\"")
     print("\n" + "\n".join(lines))
     return 0

@@ -88,6 +88,8 @@ def policy_problems(config: FederationConfig, policy: ClientPolicy,
     if wanted > 0 and not (dp.enabled and dp.dp_epsilon <= wanted):
         problems.append(("dp-epsilon " + (f"{dp.dp_epsilon:g}" if dp.enabled else "0 (no differential privacy)")
                          + f" refused: this owner requires require-dp-epsilon {wanted:g} or less"))
+    if policy.require_secure and not config.secure:
+        problems.append("secure off refused: this owner requires secure aggregation (require-secure)")
     allowed = linear_layers or set(ALL_LINEAR)
     foreign = [m for m in config.lora.target_modules if m not in allowed]
     if foreign:

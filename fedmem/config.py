@@ -196,6 +196,14 @@ class FederationConfig:
         flag=True,
         choices=TRANSPORTS,
     )
+    # A bool flag: `--secure`. What each owner trains changes with it (A frozen), so it is sent to owners.
+    secure: bool = setting(
+        False,
+        "secure aggregation (parallel rounds, method exact): owners mask their updates so the coordinator "
+        "learns only their sum; each round's A is fixed by the coordinator and owners train B, which makes "
+        "the sum linear (fedmem.secure_sum, docs/security.md)",
+        flag=True,
+    )
     lora: LoraSettings = field(default_factory=LoraSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)
 
@@ -210,6 +218,15 @@ class FederationConfig:
         if isinstance(self.privacy, PrivacySettings) and self.privacy.enabled and self.method != "exact":
             problems.append("dp-epsilon needs method exact: the noise is added to the summed ΔW, which fedit "
                             "never forms")
+        if self.secure is True:
+            if self.schedule != "parallel":
+                problems.append("secure needs schedule parallel: a cyclic round adds one owner's update at a time, "
+                                "so there is no sum to hide it in")
+            if self.method != "exact":
+                problems.append("secure needs method exact")
+            if isinstance(self.privacy, PrivacySettings) and self.privacy.enabled:
+                problems.append("secure and dp-epsilon are not combined yet: the coordinator clips each update "
+                                "for the noise, and under secure aggregation it never sees one")
         _raise(problems)
 
     def to_dict(self) -> dict:
@@ -342,6 +359,12 @@ class ClientPolicy:
         metavar="EPSILON",
     )
 
+    require_secure: bool = setting(
+        False,
+        "train only in runs under secure aggregation, where the coordinator learns the owners' updates only summed",
+        flag=True,
+    )
+
     def __post_init__(self):
         problems = _problems_in_fields(self)
         if isinstance(self.require_dp_epsilon, (int, float)) and not (0 <= self.require_dp_epsilon < float("inf")):
@@ -468,6 +491,10 @@ def add_arguments(parser: argparse.ArgumentParser, *classes) -> None:
                 expert.append(f"{key} ({flat_defaults[key]!r})")
                 continue
             names = [f"--{key}"] + ([f.metadata["short"]] if f.metadata.get("short") else [])
+            if kind is bool and not f.metadata.get("metavar"):  # a switch: given means true (else yes|no)
+                parser.add_argument(*names, dest=f"setting:{key}", default=None, action="store_const", const=True,
+                                    help=f"{f.metadata['help']} (default: off)")
+                continue
             choices = f.metadata.get("choices")
             metavar = (
                 "{" + ",".join(choices) + "}"

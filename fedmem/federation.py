@@ -39,7 +39,7 @@ from .config import FederationConfig
 from .corpus import Corpus
 from .examples import build_examples
 from .log import log_context
-from .lora import attach_lora, extract_factors, load_factors
+from .lora import attach_lora, extract_factors, freeze_lora_a, load_factors
 from .privacy import noise_multiplier, private_sum
 from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
@@ -99,10 +99,19 @@ def client_update(
     keep = base_replies(model, tokenizer, base_dir) if config.lora.retention > 0 else []
     # A different seed per round gives the LoRA's unused components new directions.
     settings = replace(config.lora, seed=config.lora.seed + 1000 * server_round)
+    if config.secure:
+        # The coordinator's start (B₀, A) has A's rows fixed for the round (the memory's and fresh ones):
+        # train at that rank with the recipe's scaling, alpha/rank, so B learns at the usual pace.
+        if not memory:
+            raise ValueError("a secure round needs the coordinator's starting LoRA")
+        rank = next(iter(memory.values()))[1].shape[0]
+        settings = replace(settings, rank=rank, alpha=settings.alpha * rank // settings.rank)
     model = attach_lora(model, settings)
     if memory:
         # exact: components that are zero in the memory keep their fresh A rows, so they can still learn.
-        load_factors(model, memory, keep_fresh_where_zero=config.method == "exact")
+        load_factors(model, memory, keep_fresh_where_zero=config.method == "exact" and not config.secure)
+    if config.secure:
+        freeze_lora_a(model)
     general = retention_examples(keep, len(examples), settings.retention, settings.seed)
     log.info("%d examples from the corpus, %d general ones as the base model answers them",
              len(examples), len(general))

@@ -86,6 +86,12 @@ def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = Fal
             layer.lora_B["default"].weight.copy_(B / layer.scaling["default"])
 
 
+def freeze_lora_a(peft_model) -> None:
+    """Train B only (secure rounds: the coordinator fixes A, ``fedmem.aggregate.frozen_a_start``)."""
+    for _, layer in _lora_layers(peft_model):
+        layer.lora_A["default"].weight.requires_grad_(False)
+
+
 def merge_factors(model, factors: Factors) -> None:
     """W += B @ A in place: bake a memory into a plain (un-wrapped) base model."""
     modules = dict(model.named_modules())

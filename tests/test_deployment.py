@@ -4,8 +4,11 @@ Every party is its own OS process, started through the fedmem command lines as a
 operator would: one ``fedmem-server start`` and one ``fedmem-client join`` per data
 owner, with the tiny model. One federation (module fixture, ~2 min on 2 cores) serves
 all tests here: three admitted owners, one owner nobody admitted, and one admitted
-owner whose base model differs. Before anyone joins, the front door is attacked
-(tests/test_front_door.py's path tricks and oversized bodies, at the public port).
+owner whose base model differs. The round is a secure one (``--schedule parallel
+--secure``, owners ``--require-secure``): the owner with the other base model takes part
+in the key exchange and then fails, so its masks are removed through its rebuilt key.
+Before anyone joins, the front door is attacked (tests/test_front_door.py's path tricks
+and oversized bodies, at the public port).
 """
 
 from __future__ import annotations
@@ -45,7 +48,8 @@ def federation(tmp_path_factory, tiny_base):
         keys = ensure_keys(root / "clients" / name)
         assert server_main(["clients", "add", "--state", str(state), name, keys.public_text]) == 0
     port = free_port()
-    server = Party("server", root / "logs", server_command(state, port, tiny_base, rounds=1, min_clients=3))
+    server = Party("server", root / "logs", server_command(state, port, tiny_base, rounds=1, min_clients=3,
+                                                           extra=["--schedule", "parallel", "--secure"]))
     parties = [server]
     try:
         server.start()
@@ -57,7 +61,7 @@ def federation(tmp_path_factory, tiny_base):
             party = Party(name, root / "logs", [
                 "-m", "fedmem.clients.cli", "join", "--server", f"127.0.0.1:{port}", "--ca", str(ca),
                 "--data", str(data[name]), "--state", str(root / "clients" / name), "--base", str(base),
-                "--admission-wait", "15"])
+                "--admission-wait", "15", "--require-secure"])
             parties.append(party)
             party.start()
             return party
@@ -133,6 +137,12 @@ def test_full_run_over_tls_with_three_clients(federation):
     assert manifest["owner_keys"] == keys
     assert rows[0]["rejected"] == [] and rows[0]["refused_nodes"] == []
     assert any("differs from the federation's" in str(failed) for failed in rows[0]["failed"]), rows[0]["failed"]
+    # Secure: delta shared its keys, then failed at the masked step; the sum is of the other three.
+    assert [f["reason"].split(":")[0] for f in rows[0]["failed"] if f["owner"] == "delta"] == ["secure_masked"]
+    assert manifest["aggregation"]["secure"] is True
+    assert all("norm" not in u for u in rows[0]["updates"].values())
+    assert set(rows[0]["secure_seconds"]) == {"secure_keys", "secure_shares", "secure_masked", "secure_unmask",
+                                              "unmask_sum"}
 
 
 def test_transport_is_tls_and_only_the_fleet_api_is_exposed(federation):

@@ -314,22 +314,17 @@ def allowed_strings(sent: Sent, modules: set[str], fingerprint: str, coordinator
 # --- the run ---
 
 
-@pytest.fixture(scope="module")
-def audit(tmp_path_factory, tiny_base):
-    """One full run (two rounds, published) of two honest owners and the leaky one; every reply."""
+def _recorded_run(root: Path, tiny_base, config, mods: list) -> dict:
+    """A full published run of the two honest owners and the third, with ``mods`` (the recorder first);
+    what the tests read from it."""
     from fedmem.base_model import fingerprint, load_tokenizer
-    from fedmem.config import FederationConfig, LoraSettings, NodeSettings
+    from fedmem.config import NodeSettings
     from fedmem.flower import simulation
     from fedmem.flower.screening import lora_targets
 
-    root = tmp_path_factory.mktemp("audit")
     data = root / "data"
     for name, (notes, records) in {**HONEST, LEAKY: LEAKY_CORPUS}.items():
         _write_corpus(data / name, notes, records)
-    folder = root / "sent"
-    folder.mkdir()
-    config = FederationConfig(rounds=2, lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=4))
-    mods = [_recorder(str(folder)), _planter(2, str(data / LEAKY), str(tiny_base))]
     real_client, real_server = simulation.make_client_app, simulation.make_server_app
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(simulation, "make_client_app", lambda dirs, node: real_client(dirs, node, mods=mods))
@@ -338,7 +333,7 @@ def audit(tmp_path_factory, tiny_base):
         summary = simulation.simulate(data, root / "out", config, NodeSettings(device="cpu", base=str(tiny_base)))
     tokenizer = load_tokenizer(str(tiny_base))
     names = sorted(p.name for p in data.iterdir())
-    entries = [pickle.loads(p.read_bytes()) for p in sorted(folder.iterdir())]
+    entries = [pickle.loads(p.read_bytes()) for p in sorted((root / "sent").iterdir())]
     return {
         "summary": summary,
         "names": names,
@@ -349,6 +344,18 @@ def audit(tmp_path_factory, tiny_base):
         "fingerprint": fingerprint(tiny_base),
         "tokenizer": tokenizer,
     }
+
+
+@pytest.fixture(scope="module")
+def audit(tmp_path_factory, tiny_base):
+    """One full run (two rounds, published) of two honest owners and the leaky one; every reply."""
+    from fedmem.config import FederationConfig, LoraSettings
+
+    root = tmp_path_factory.mktemp("audit")
+    (root / "sent").mkdir()
+    config = FederationConfig(rounds=2, lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=4))
+    return _recorded_run(root, tiny_base, config, [_recorder(str(root / "sent")),
+                                                   _planter(2, str(root / "data" / LEAKY), str(tiny_base))])
 
 
 def _findings(audit: dict, sent: Sent) -> dict[str, list]:
@@ -442,3 +449,45 @@ def test_the_token_detector_reads_ids_hidden_in_raw_bytes(audit):
                     "objects": {}})
     places = {where.split(" as ")[0] for where, _ in token_leaks(sent, secrets)}
     assert {f"update/{first}", "info/blob[0]", "message protobuf"} <= places
+
+
+# --- the same audit of a secure run (issue 18, item 1) ---
+
+# The strings a secure step's reply may hold besides node ids, module names and Flower's message ids:
+# its record and key names and the masked arrays' type (docs/security.md, "What an owner sends").
+SECURE_STRINGS = {"secure", "mask", "share", "dst", "ciphertext", "commitment", "node", "masked", "uint64",
+                  "numpy.ndarray", ""}
+
+
+@pytest.fixture(scope="module")
+def secure_audit(tmp_path_factory, tiny_base):
+    """One secure run (parallel, two rounds, published) of the same three owners, none doctored; every reply."""
+    from fedmem.config import FederationConfig, LoraSettings
+
+    root = tmp_path_factory.mktemp("secure-audit")
+    (root / "sent").mkdir()
+    config = FederationConfig(rounds=2, schedule="parallel", secure=True,
+                              lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=4))
+    return _recorded_run(root, tiny_base, config, [_recorder(str(root / "sent"))])
+
+
+def test_under_secure_aggregation_no_reply_holds_corpus_text_token_ids_or_names(secure_audit):
+    from fedmem.flower.secure_round import STEPS
+
+    assert not secure_audit["raised"], secure_audit["raised"]
+    sent = secure_audit["sent"]
+    assert {s.kind for s in sent} == {"query", "evaluate", *(f"train.{step}" for step in STEPS)}
+    assert sorted(s.round for s in sent if s.kind == "train.secure_masked") == [1, 1, 1, 2, 2, 2]
+    everyone = Secrets(set().union(*(s.windows for s in secure_audit["secrets"].values())),
+                       set().union(*(s.runs for s in secure_audit["secrets"].values())), set())
+    for s in sent:
+        own = secure_audit["secrets"][s.partition]
+        assert text_leaks(s, everyone) == [] and token_leaks(s, everyone) == [], s.kind
+        allowed = SECURE_STRINGS | secure_audit["modules"] | {s.kind}
+        if s.kind == "query":
+            allowed |= {"info", "client", secure_audit["names"][s.partition]}
+        odd = [(where, text) for where, text in s.strings.items()
+               if text not in allowed and not text.isdigit() and not MESSAGE_ID.fullmatch(text)]
+        assert odd == [], (s.kind, odd)
+        if s.kind != "query":
+            assert not [n for n in own.names for data in s.pieces.values() if n in data.decode("latin-1")], s.kind

@@ -26,8 +26,10 @@ from fedmem.corpus import load_corpus
 from fedmem.federation import base_fingerprint, client_update, set_threads
 from fedmem.log import log_context, setup_logging
 from fedmem.memory import MemoryFormatError
+from fedmem.secure_sum import SecureAggregationError
 from fedmem.signing import PINNED_KEY, receive_memory
 
+from . import secure_round
 from .messages import (
     CONFIG_KEY,
     INFO_KEY,
@@ -99,14 +101,17 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
             return Path(str(context.node_config["data"]))
         return Path(corpus_dirs[int(context.node_config["partition-id"])])
 
-    @app.train()
-    def train(msg: Message, context: Context) -> Message:
-        setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
+    def trained(msg: Message, context: Context, secure: bool):
+        """Check the recipe against this owner's limits and base model, then train: (config, result, fingerprint)."""
         settings = node_settings(context, node)
         set_threads(settings.threads)
         sent, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
         base = str(resolve_base(settings.base or None))
         config = FederationConfig(**sent["federation"])
+        if config.secure != secure:
+            # Owner-checkable: under a secure recipe an update never leaves unmasked, whatever is asked.
+            raise SecureAggregationError("the recipe is secure, so an unmasked update is never sent" if config.secure
+                                         else "a masked update was asked for under a recipe that is not secure")
         # The owner's limits on the coordinator's recipe: refused with the reason, never clamped.
         policy = policy_from_node_config(context.node_config)
         if policy is not None:
@@ -122,13 +127,18 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
             )
         keep_memory(msg, context, base)
         corpus = load_corpus(corpus_dir(context))
-        name = corpus.name
-        with log_context(f"{name} round {server_round}"):
+        with log_context(f"{corpus.name} round {server_round}"):
             result = client_update(
                 base, corpus, record_to_factors(msg.content[MEMORY_KEY], config.transport), config, server_round,
                 device=pick_device(settings.device),
                 span=tuple(sent["span"]) if "span" in sent else None,
             )
+        return config, result, mine
+
+    @app.train()
+    def train(msg: Message, context: Context) -> Message:
+        setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
+        config, result, mine = trained(msg, context, secure=False)
         content = RecordDict({
             UPDATE_KEY: factors_to_record(result.factors, config.transport),
             # Under differential privacy the owner reports nothing but its update: the noise covers only that.
@@ -138,6 +148,19 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
             INFO_KEY: ConfigRecord({"base_fingerprint": mine}),
         })
         return Message(content=content, reply_to=msg)
+
+    # Secure rounds (fedmem.flower.secure_round): four steps; only the third trains, and it sends
+    # nothing but B under its masks: no metrics, no counts.
+    app.train(secure_round.KEYS)(secure_round.owner_keys)
+    app.train(secure_round.SHARES)(secure_round.owner_shares)
+    app.train(secure_round.UNMASK)(secure_round.owner_unmask)
+
+    @app.train(secure_round.MASKED)
+    def train_masked(msg: Message, context: Context) -> Message:
+        setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
+        secure_round.owner_open(msg, context)  # a wrong share refuses the round before any training
+        _, result, _ = trained(msg, context, secure=True)
+        return secure_round.owner_masked(msg, context, {n: B for n, (B, _) in result.factors.items()})
 
     @app.query()
     def name(msg: Message, context: Context) -> Message:

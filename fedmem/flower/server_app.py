@@ -16,13 +16,15 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
+from fedmem.aggregate import Aggregate, frozen_a_start
 from fedmem.answer import Question, Scores, score
 from fedmem.base_model import load_model, load_tokenizer
 from fedmem.config import FederationConfig, ServerSettings
-from fedmem.federation import base_fingerprint, run_round, set_threads
+from fedmem.federation import base_fingerprint, run_round, server_aggregate, set_threads, training_span
 from fedmem.log import progress
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, fsync_path, load_memory, save_memory
@@ -43,10 +45,12 @@ from .messages import (
     factors_to_record,
     memory_files_to_record,
     message_bytes,
+    record_to_factors,
 )
 from .quorum import gather, needed
 from .roster import Roster, visit_order
-from .screening import Screen, base_weight_norms, lora_targets
+from .screening import Accepted, Screen, base_weight_norms, lora_targets
+from .secure_round import secure_train
 from .traffic import describe, full_model_bytes, round_traffic
 
 log = logging.getLogger(__name__)
@@ -126,8 +130,8 @@ def _append_jsonl(path: Path, record: dict) -> None:
 def _comparable(federation: dict) -> dict:
     # More rounds may be asked of a resumed run, and another transport (the checkpoints are float32
     # whatever travelled); anything else changes what the checkpoints mean. Checkpoints from
-    # before the schedule setting were all made in parallel rounds.
-    return {k: v for k, v in {"schedule": "parallel", **json.loads(json.dumps(federation))}.items()
+    # before the schedule setting were all made in parallel rounds, those before secure without it.
+    return {k: v for k, v in {"schedule": "parallel", "secure": False, **json.loads(json.dumps(federation))}.items()
             if k not in ("rounds", "transport")}
 
 
@@ -290,6 +294,50 @@ def _published_metrics(record: dict, private: bool) -> dict:
     return out
 
 
+def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp: str, manifest: dict,
+                  files, modules: dict[str, tuple[int, int]], sent_bytes: dict, received_bytes: dict,
+                  rejected: list[dict], failed: list[dict], secure_seconds: dict
+                  ) -> tuple[Aggregate, list[Accepted]]:
+    """A parallel round under secure aggregation (``fedmem.flower.secure_round``): every owner starts
+    from the same (B₀, A) with A fixed (``frozen_a_start``) and trains B; the coordinator learns only
+    the survivors' mean B, so the memory becomes (mean B)·A, re-factorised to the rank. No update is
+    seen alone, so none is screened: the encoding bounds each value (±BOUND) and the sum is checked
+    finite. Fills the byte counts and the refused and failed owners as the plain round does, and each
+    step's seconds."""
+    cfg = plan.federation
+    if len(owners) == 2:
+        log.warning("secure aggregation with two owners: each can take its own update from the memory it "
+                    "receives and is left with the other's")
+    start = frozen_a_start(memory, modules, cfg.lora.rank,
+                           torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")))
+    record = factors_to_record(start, cfg.transport)
+    start = record_to_factors(record, cfg.transport)  # as the owners decode it: their B·A is this A's
+    span = training_span(cfg, rnd)
+    shapes = {name: tuple(B.shape) for name, (B, _) in start.items()}
+    outcome = secure_train(
+        grid, list(owners),
+        lambda node: train_message(plan, start, span, rnd, fp, manifest, node, files, record).content,
+        shapes, plan.server.quorum, plan.round_timeout)
+    for node, why in outcome.failed:
+        failed.append({"owner": owners[node].name, "key": owners[node].key, "node": node, "reason": why})
+        log.warning("  %s failed this round: %s", owners[node].shown, why)
+    for node in outcome.liars:
+        rejected.append({"owner": owners[node].name, "key": owners[node].key, "node": node,
+                         "reason": "revealed a wrong share in the unmask step (its update is in the sum; the "
+                                   "secret was rebuilt from the other owners' shares)"})
+        log.warning("  %s revealed a wrong share", owners[node].shown)
+    for node in owners:
+        sent_bytes[owners[node].name] = outcome.sent.get(node, 0)
+    for node in outcome.survivors:
+        received_bytes[owners[node].name] = outcome.received.get(node, 0)
+    agg = server_aggregate(memory, [{n: (outcome.mean_b[n], start[n][1]) for n in start}], cfg)
+    trained = [Accepted(owners[n], n, {}, {}, 0.0, outcome.received.get(n, 0)) for n in outcome.survivors]
+    log.info("  secure aggregation: the sum of %d owners' updates (%d dropped after the shares); steps %s",
+             len(trained), len(outcome.failed), ", ".join(f"{k} {v:.1f}s" for k, v in outcome.seconds.items()))
+    secure_seconds.update(outcome.seconds)
+    return Aggregate(agg.factors, agg.truncation_error, [1.0 / len(trained)] * len(trained)), trained
+
+
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     set_threads(plan.threads)
     cfg = plan.federation
@@ -385,9 +433,15 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             bar.update(len(targets))
             return [(a.factors, a) for a in accepted]
 
-        # Cyclic: one owner at a time, in the order of their names, each on the memory the one before left.
-        agg, trained = run_round(cfg, rnd, visit_order(owners), memory, train,
-                                 clip=plan.server.clip_updates and cfg.method == "exact")
+        secure_seconds: dict[str, float] = {}
+        if cfg.secure:
+            agg, trained = _secure_round(grid, plan, rnd, owners, memory, fp, manifest, files, modules,
+                                         sent_bytes, received_bytes, rejected, failed, secure_seconds)
+            bar.update(len(owners))
+        else:
+            # Cyclic: one owner at a time, in the order of their names, each on the memory the one before left.
+            agg, trained = run_round(cfg, rnd, visit_order(owners), memory, train,
+                                     clip=plan.server.clip_updates and cfg.method == "exact")
         bar.close()
         names = [a.owner.name for a in trained]
         # A refused update does not stop the round (else any one owner could stop the federation by
@@ -412,7 +466,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             "clients": sorted(names),
             "client_metrics": client_metrics,
             # What the server checked and decided, per accepted update: the admitted key, ‖ΔW‖, weight.
-            "updates": {a.owner.name: {"key": a.owner.key, "node": a.node, "norm": a.norm, "weight": w,
+            # Under secure aggregation no single update is seen, so there is no norm to record.
+            "updates": {a.owner.name: {"key": a.owner.key, "node": a.node,
+                                       **({} if cfg.secure else {"norm": a.norm}), "weight": w,
                                        "bytes_down": sent_bytes.get(a.owner.name, 0), "bytes_up": a.bytes}
                         for a, w in zip(trained, agg.weights)},
             # Bytes on the wire, counted from the messages (fedmem.flower.traffic).
@@ -425,6 +481,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         }
         if cfg.schedule == "cyclic":
             record["visit_order"] = names
+        if cfg.secure:  # where a secure round's time goes (the masked step includes the training)
+            record["secure_seconds"] = secure_seconds
         if dp.enabled:
             noise_history.append(z)
             full = 1.0 if cfg.schedule == "cyclic" else 1.0 / len(names)  # each update's weight before its clip
@@ -455,7 +513,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             # Which key each owner's updates came with (deployed; names are the admitted ones).
             "owner_keys": dict(sorted(owner_keys.items())),
             "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "rank": cfg.lora.rank,
-                            "weights": "equal per accepted owner", "clip": bool(plan.server.clip_updates)},
+                            "weights": "equal per accepted owner", "clip": bool(plan.server.clip_updates),
+                            "secure": cfg.secure},
             "federation": cfg.to_dict(),
             "metrics": _published_metrics(record, dp.enabled),
         }

@@ -159,17 +159,31 @@ def fedit_error(updates: list[Factors], weights: list[float]) -> float:
     return worst
 
 
-def frozen_a_start(memory: Factors | None, shapes: dict[str, tuple[int, int]], rank: int,
-                   generator: torch.Generator) -> Factors:
-    """Secure rounds: the LoRA every owner starts from, (B₀, A) per module, with A fixed for the round.
+def secure_factor(server_round: int, layout: str) -> str:
+    """The factor owners train in a secure round: "B" every round under layout "fixed-a"; under
+    "alternate", B in odd rounds and A in even ones (RoLoRA's alternation, so both factors learn)."""
+    if layout == "fixed-a":
+        return "B"
+    if layout == "alternate":
+        return "B" if server_round % 2 == 1 else "A"
+    raise ValueError(f"unknown secure layout {layout!r}")
 
-    A = [A_m; R] stacks the memory's A and ``rank`` fresh random rows (PEFT's own initialisation of
-    A, uniform in ±1/√d_in); B₀ = [B_m, 0], so B₀A is the memory. Owners train only B, so each
-    update is (Bₖ − B₀)A and the round's sum is (Σ pₖBₖ)A − B₀A: linear in what the owners send,
-    which is all secure aggregation can sum. The fresh rows give the memory new input directions
-    every round (with A_m alone the memory could never leave round 1's row space).
-    ``shapes``: module -> (d_out, d_in).
+
+def secure_start(memory: Factors | None, shapes: dict[str, tuple[int, int]], rank: int,
+                 generator: torch.Generator, factor: str = "B") -> Factors:
+    """Secure rounds: the LoRA every owner starts from, (B₀, A₀) per module, one factor fixed for the round.
+
+    ``factor`` "B" (owners train B, A fixed): A = [A_m; R], the memory's A and ``rank`` fresh random
+    rows (PEFT's own initialisation of A, uniform in ±1/√d_in); B₀ = [B_m, 0], so B₀A is the memory.
+    Each update is (Bₖ − B₀)A and the round's sum is (Σ pₖBₖ)A − B₀A: linear in what the owners send,
+    which is all secure aggregation can sum. The fresh rows give the memory new input directions.
+    ``factor`` "A" (owners train A, B fixed): the memory itself, (B_m, A_m); the update is
+    B_m(Aₖ − A_m), linear in Aₖ. ``shapes``: module -> (d_out, d_in).
     """
+    if factor == "A":
+        if memory is None:
+            raise ValueError("a round that trains A needs a memory (the first secure round trains B)")
+        return {name: (B.float(), A.float()) for name, (B, A) in sorted(memory.items())}
     out: Factors = {}
     for name, (d_out, d_in) in sorted(shapes.items()):
         bound = 1.0 / d_in**0.5

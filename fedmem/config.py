@@ -30,6 +30,7 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("exact", "fedit")
 SCHEDULES = ("cyclic", "parallel")
+SECURE_LAYOUTS = ("fixed-a", "alternate")
 # How the LoRA factors travel, both ways (fedmem.flower.messages): the coordinator keeps float32.
 TRANSPORTS = ("fp32", "bf16", "fp16", "int8")
 
@@ -203,6 +204,12 @@ class FederationConfig:
         "learns only their sum; each round's A is fixed by the coordinator and owners train B, which makes "
         "the sum linear (fedmem.secure_sum, docs/security.md)",
         flag=True,
+    )
+    secure_layout: str = setting(
+        "fixed-a",
+        "secure rounds: fixed-a (owners train B, A fixed by the coordinator, after FFA-LoRA) or alternate "
+        "(B in odd rounds, A in even ones, after RoLoRA)",
+        choices=SECURE_LAYOUTS,
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)

@@ -33,13 +33,13 @@ from typing import Callable
 
 import torch
 
-from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, change, update_norm
+from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, change, secure_factor, update_norm
 from .base_model import base_model_copy, fingerprint, load_tokenizer
 from .config import FederationConfig
 from .corpus import Corpus
 from .examples import build_examples
 from .log import log_context
-from .lora import attach_lora, extract_factors, freeze_lora_a, load_factors
+from .lora import attach_lora, extract_factors, load_factors
 from .privacy import noise_multiplier, private_sum
 from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
@@ -100,8 +100,8 @@ def client_update(
     # A different seed per round gives the LoRA's unused components new directions.
     settings = replace(config.lora, seed=config.lora.seed + 1000 * server_round)
     if config.secure:
-        # The coordinator's start (B₀, A) has A's rows fixed for the round (the memory's and fresh ones):
-        # train at that rank with the recipe's scaling, alpha/rank, so B learns at the usual pace.
+        # The coordinator's start has one factor fixed for the round (secure_start): train the other at
+        # the start's rank with the recipe's scaling, alpha/rank, so it learns at the usual pace.
         if not memory:
             raise ValueError("a secure round needs the coordinator's starting LoRA")
         rank = next(iter(memory.values()))[1].shape[0]
@@ -110,13 +110,13 @@ def client_update(
     if memory:
         # exact: components that are zero in the memory keep their fresh A rows, so they can still learn.
         load_factors(model, memory, keep_fresh_where_zero=config.method == "exact" and not config.secure)
-    if config.secure:
-        freeze_lora_a(model)
     general = retention_examples(keep, len(examples), settings.retention, settings.seed)
     log.info("%d examples from the corpus, %d general ones as the base model answers them",
              len(examples), len(general))
     examples += general
-    result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round))
+    fixed = ("A" if secure_factor(server_round, config.secure_layout) == "B" else "B") if config.secure else ""
+    result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round),
+                        fixed=fixed)
     return ClientResult(
         factors=extract_factors(model),
         metrics={

@@ -16,7 +16,7 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from fedmem import secure_sum as ss
-from fedmem.aggregate import aggregate_exact, change, dense, frozen_a_start, low_rank_sum
+from fedmem.aggregate import aggregate_exact, change, dense, low_rank_sum, secure_factor, secure_start
 from fedmem.config import FederationConfig, LoraSettings, PrivacySettings
 from fedmem.flower import secure_round
 
@@ -162,23 +162,35 @@ def test_values_beyond_the_bound_are_clipped_and_counted_and_non_finite_ones_ref
 # --- the layout: A fixed, owners train B ---
 
 
-def test_with_a_frozen_a_the_mean_of_the_updates_is_linear_in_what_owners_send():
+def test_with_one_factor_fixed_the_mean_of_the_updates_is_linear_in_what_owners_send():
     shapes = {"m1": (12, 9), "m2": (7, 11)}
     gen = torch.Generator().manual_seed(0)
     memory = {n: (torch.randn(o, 3), torch.randn(3, i)) for n, (o, i) in shapes.items()}
-    start = frozen_a_start(memory, shapes, 3, gen)
-    for name, (B0, A) in start.items():
-        assert A.shape == (6, shapes[name][1]) and B0.shape == (shapes[name][0], 6)
-        assert torch.allclose(dense(B0, A), dense(*memory[name]))  # the start is the memory
-        assert A[3:].abs().max() <= 1 / shapes[name][1] ** 0.5  # fresh rows as PEFT draws them
-    trained = [{n: (B0 + 0.1 * torch.randn(B0.shape), A) for n, (B0, A) in start.items()} for _ in range(3)]
-    mean_b = {n: (sum(t[n][0] for t in trained) / 3, start[n][1]) for n in start}
-    from_sum = aggregate_exact(memory, [change(mean_b, memory)], [1.0], 6)
-    plain = aggregate_exact(memory, [change(t, memory) for t in trained], [1 / 3] * 3, 6)
-    for name in shapes:
-        assert torch.allclose(dense(*from_sum.factors[name]), dense(*plain.factors[name]), atol=1e-5)
-    first = frozen_a_start(None, shapes, 3, gen)
+    for part, factor in ((0, "B"), (1, "A")):
+        start = secure_start(memory, shapes, 3, gen, factor)
+        rank = 6 if factor == "B" else 3  # a B round adds fresh rows to A; an A round trains the memory's A
+        for name, (B0, A0) in start.items():
+            assert A0.shape == (rank, shapes[name][1]) and B0.shape == (shapes[name][0], rank)
+            assert torch.allclose(dense(B0, A0), dense(*memory[name]))  # the start is the memory
+            if factor == "B":
+                assert A0[3:].abs().max() <= 1 / shapes[name][1] ** 0.5  # fresh rows as PEFT draws them
+        # Owners change only their factor; the mean of it, with the fixed one, is the mean of the updates.
+        trained = []
+        for _ in range(3):
+            trained.append({n: tuple(f + 0.1 * torch.randn(f.shape) if i == part else f for i, f in enumerate(pair))
+                            for n, pair in start.items()})
+        mean = {n: tuple(sum(t[n][i] for t in trained) / 3 if i == part else f for i, f in enumerate(start[n]))
+                for n in start}
+        from_sum = aggregate_exact(memory, [change(mean, memory)], [1.0], rank)
+        plain = aggregate_exact(memory, [change(t, memory) for t in trained], [1 / 3] * 3, rank)
+        for name in shapes:
+            assert torch.allclose(dense(*from_sum.factors[name]), dense(*plain.factors[name]), atol=1e-5)
+    first = secure_start(None, shapes, 3, gen, "B")
     assert all(float(B.abs().sum()) == 0 for B, _ in first.values())
+    with pytest.raises(ValueError, match="needs a memory"):
+        secure_start(None, shapes, 3, gen, "A")
+    assert [secure_factor(r, "fixed-a") for r in (1, 2, 3)] == ["B", "B", "B"]
+    assert [secure_factor(r, "alternate") for r in (1, 2, 3)] == ["B", "A", "B"]
 
 
 @pytest.mark.parametrize("kwargs, message", [
@@ -315,13 +327,13 @@ def _spy(folder: str, drop_partition: int | None = None):
     return mod
 
 
-def _run(three_clients, tmp_path, tiny_base, mods_folder, drop=None, rounds=2, quorum=1.0):
+def _run(three_clients, tmp_path, tiny_base, mods_folder, drop=None, rounds=2, quorum=1.0, layout="fixed-a"):
     import dataclasses
 
     from fedmem.config import NodeSettings
     from fedmem.flower import simulation
 
-    config = FederationConfig(rounds=rounds, schedule="parallel", secure=True,
+    config = FederationConfig(rounds=rounds, schedule="parallel", secure=True, secure_layout=layout,
                               lora=LoraSettings(rank=4, alpha=8, epochs=1))
     real_client, real_server = simulation.make_client_app, simulation.make_server_app
     with pytest.MonkeyPatch.context() as mp:
@@ -333,7 +345,9 @@ def _run(three_clients, tmp_path, tiny_base, mods_folder, drop=None, rounds=2, q
                                    NodeSettings(device="cpu", base=str(tiny_base)))
 
 
-def test_a_secure_run_sends_only_masked_b_and_the_memory_is_their_mean(tmp_path, tiny_base, three_clients):
+@pytest.mark.parametrize("layout", ["fixed-a", "alternate"])
+def test_a_secure_run_sends_only_masked_factors_and_the_memory_is_their_mean(tmp_path, tiny_base, three_clients,
+                                                                             layout):
     from fedmem.base_model import fingerprint
     from fedmem.corpus import load_corpus
     from fedmem.federation import client_update
@@ -342,7 +356,7 @@ def test_a_secure_run_sends_only_masked_b_and_the_memory_is_their_mean(tmp_path,
 
     folder = tmp_path / "sent"
     folder.mkdir()
-    summary = _run(three_clients, tmp_path, tiny_base, folder)
+    summary = _run(three_clients, tmp_path, tiny_base, folder, layout=layout)
     replies = [pickle.loads(p.read_bytes()) for p in folder.glob("*.pkl")]
     masked = [r for r in replies if r["kind"].endswith(secure_round.MASKED)]
     assert len(masked) == 6  # three owners, two rounds
@@ -352,19 +366,24 @@ def test_a_secure_run_sends_only_masked_b_and_the_memory_is_their_mean(tmp_path,
     for r in masked:
         assert {dtype for _, dtype in r["arrays"][secure_round.MASKED_KEY]} == {"uint64"}
     # Replay round 2's training here (same start, corpus, recipe and slice; training is deterministic):
-    # the memory is (mean B)·A of what the three owners trained, re-factorised to rank 4.
-    config = FederationConfig(rounds=2, schedule="parallel", secure=True, lora=LoraSettings(rank=4, alpha=8, epochs=1))
+    # the memory is (mean B)·A₀ (alternate: B₀·(mean A)) of what the three owners trained, at rank 4.
+    config = FederationConfig(rounds=2, schedule="parallel", secure=True, secure_layout=layout,
+                              lora=LoraSettings(rank=4, alpha=8, epochs=1))
+    part = 0 if secure_factor(2, layout) == "B" else 1
     trained = []
-    for part, name in enumerate(["alpha", "beta", "gamma"]):
-        sent = torch.load(folder / f"start-2-{part}.pt")
+    for partition, name in enumerate(["alpha", "beta", "gamma"]):
+        sent = torch.load(folder / f"start-2-{partition}.pt")
         result = client_update(tiny_base, load_corpus(three_clients / name), sent["start"], config, 2,
                                span=tuple(sent["span"]))
         trained.append((result.factors, sent["start"]))
     memory = read_peft_adapter(tmp_path / "out" / "memory")
     for name, (B, A) in memory.items():
-        mean = sum(f[name][0] for f, _ in trained) / 3
-        Bx, Ax, _ = low_rank_sum([(1.0, mean, trained[0][1][name][1])], 4)
+        mean = sum(f[name][part] for f, _ in trained) / 3
+        fixed = trained[0][1][name][1 - part]
+        Bx, Ax, _ = low_rank_sum([(1.0, mean, fixed) if part == 0 else (1.0, fixed, mean)], 4)
         assert torch.allclose(dense(B, A), dense(Bx, Ax), atol=1e-4)
+        # The other factor did not move in training: only the one sent can carry the update.
+        assert torch.allclose(trained[0][0][name][1 - part], fixed, rtol=1e-6, atol=1e-8)
     manifest = verify_memory(tmp_path / "out" / "memory", fingerprint(tiny_base))
     assert all(sorted(r["clients"]) == ["alpha", "beta", "gamma"] for r in summary["rounds"])
     assert manifest["aggregation"]["secure"] is True

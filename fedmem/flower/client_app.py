@@ -19,6 +19,7 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
+from fedmem.aggregate import secure_factor
 from fedmem.base_model import pick_device, resolve_base
 from fedmem.client_policy import PolicyRefused, enforce_policy, policy_from_node_config
 from fedmem.config import FederationConfig, NodeSettings
@@ -159,8 +160,10 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
     def train_masked(msg: Message, context: Context) -> Message:
         setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
         secure_round.owner_open(msg, context)  # a wrong share refuses the round before any training
-        _, result, _ = trained(msg, context, secure=True)
-        return secure_round.owner_masked(msg, context, {n: B for n, (B, _) in result.factors.items()})
+        config, result, _ = trained(msg, context, secure=True)
+        # Only the factor this round trained travels (the other is the coordinator's own, unchanged).
+        part = 0 if secure_factor(record_to_config(msg.content[CONFIG_KEY])[1], config.secure_layout) == "B" else 1
+        return secure_round.owner_masked(msg, context, {n: f[part] for n, f in result.factors.items()})
 
     @app.query()
     def name(msg: Message, context: Context) -> Message:

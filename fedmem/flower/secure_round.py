@@ -150,14 +150,14 @@ def _store_held(state: ConfigRecord, keys: secure_sum.OwnerKeys) -> None:
                   "held_key": [k for _, k in keys.held.values()]})
 
 
-def owner_masked(msg: Message, context: Context, b_factors) -> Message:
-    """Step 3: open the shares sent to this owner, then send ``b_factors`` (module -> the trained
-    B, a tensor; the caller trains, after ``owner_open``) in fixed point under its masks."""
+def owner_masked(msg: Message, context: Context, trained) -> Message:
+    """Step 3: send ``trained`` (module -> the factor this owner trained, a tensor; the caller trains,
+    after ``owner_open``) in fixed point under its masks."""
     request, state = _request(msg, MASKED), _state(context)
     keys = _keys(state)
     # One vector for the whole update, modules in name order, as the coordinator sums and unmasks it.
-    names = sorted(b_factors)
-    encoded = [secure_sum.encode(b_factors[n].detach().double().cpu().numpy()) for n in names]
+    names = sorted(trained)
+    encoded = [secure_sum.encode(trained[n].detach().double().cpu().numpy()) for n in names]
     clipped = sum(n for _, n in encoded)
     masked = secure_sum.mask(np.concatenate([f.ravel() for f, _ in encoded]), keys, int(state["me"]),
                              _roster(state), request["session"])
@@ -207,7 +207,7 @@ def owner_unmask(msg: Message, context: Context) -> Message:
 
 @dataclass
 class SecureOutcome:
-    mean_b: dict[str, torch.Tensor]  # module -> the survivors' mean B
+    mean: dict[str, torch.Tensor]  # module -> the survivors' mean of the factor they trained
     survivors: list[int]
     failed: list[tuple[int, str]] = field(default_factory=list)  # (node, why), any step
     sent: dict[int, int] = field(default_factory=dict)  # node -> bytes of every message it was sent
@@ -253,10 +253,11 @@ def _secure_content(values: dict) -> RecordDict:
 
 def secure_train(grid, targets: list[int], train_content, shapes: dict[str, tuple[int, int]],
                  quorum: float, timeout: float | None) -> SecureOutcome:
-    """One secure round with the owners ``targets``: the survivors' mean B, module by module.
+    """One secure round with the owners ``targets``: the survivors' mean of the factor they trained,
+    module by module.
 
     ``train_content(node)`` is the RecordDict of the usual training message for that owner (the
-    starting LoRA and the recipe); ``shapes``: module -> the shape of B every owner trains.
+    starting LoRA and the recipe); ``shapes``: module -> the shape of the factor every owner trains.
     Raises ``SecureRoundFailed`` when too few owners are left at any step to go on."""
     outcome = SecureOutcome({}, [])
     session = os.urandom(SESSION_BYTES)
@@ -358,7 +359,7 @@ def secure_train(grid, targets: list[int], train_content, shapes: dict[str, tupl
     start = 0
     for name in names:
         d_out, d_in = shapes[name]
-        outcome.mean_b[name] = torch.from_numpy(values[start:start + d_out * d_in].reshape(d_out, d_in)).float()
+        outcome.mean[name] = torch.from_numpy(values[start:start + d_out * d_in].reshape(d_out, d_in)).float()
         start += d_out * d_in
     outcome.survivors = survivors
     outcome.seconds["unmask_sum"] = time.perf_counter() - started

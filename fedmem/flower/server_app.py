@@ -20,7 +20,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedmem.aggregate import Aggregate, frozen_a_start
+from fedmem.aggregate import Aggregate, secure_factor, secure_start
 from fedmem.answer import Question, Scores, score
 from fedmem.base_model import load_model, load_tokenizer
 from fedmem.config import FederationConfig, ServerSettings
@@ -299,8 +299,9 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
                   rejected: list[dict], failed: list[dict], secure_seconds: dict
                   ) -> tuple[Aggregate, list[Accepted]]:
     """A parallel round under secure aggregation (``fedmem.flower.secure_round``): every owner starts
-    from the same (B₀, A) with A fixed (``frozen_a_start``) and trains B; the coordinator learns only
-    the survivors' mean B, so the memory becomes (mean B)·A, re-factorised to the rank. No update is
+    from the same (B₀, A₀) with one factor fixed (``secure_start``) and trains the other; the
+    coordinator learns only the survivors' mean of it, so the memory becomes (mean B)·A₀ or
+    B₀·(mean A), re-factorised to the rank. No update is
     seen alone, so none is screened: the encoding bounds each value (±BOUND) and the sum is checked
     finite. Fills the byte counts and the refused and failed owners as the plain round does, and each
     step's seconds."""
@@ -308,12 +309,13 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
     if len(owners) == 2:
         log.warning("secure aggregation with two owners: each can take its own update from the memory it "
                     "receives and is left with the other's")
-    start = frozen_a_start(memory, modules, cfg.lora.rank,
-                           torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")))
+    part = 0 if secure_factor(rnd, cfg.secure_layout) == "B" else 1  # the factor owners train
+    start = secure_start(memory, modules, cfg.lora.rank,
+                         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")), "BA"[part])
     record = factors_to_record(start, cfg.transport)
-    start = record_to_factors(record, cfg.transport)  # as the owners decode it: their B·A is this A's
+    start = record_to_factors(record, cfg.transport)  # as the owners decode it: the fixed factor is theirs
     span = training_span(cfg, rnd)
-    shapes = {name: tuple(B.shape) for name, (B, _) in start.items()}
+    shapes = {name: tuple(f[part].shape) for name, f in start.items()}
     outcome = secure_train(
         grid, list(owners),
         lambda node: train_message(plan, start, span, rnd, fp, manifest, node, files, record).content,
@@ -330,7 +332,8 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
         sent_bytes[owners[node].name] = outcome.sent.get(node, 0)
     for node in outcome.survivors:
         received_bytes[owners[node].name] = outcome.received.get(node, 0)
-    agg = server_aggregate(memory, [{n: (outcome.mean_b[n], start[n][1]) for n in start}], cfg)
+    mean = {n: (outcome.mean[n], start[n][1]) if part == 0 else (start[n][0], outcome.mean[n]) for n in start}
+    agg = server_aggregate(memory, [mean], cfg)
     trained = [Accepted(owners[n], n, {}, {}, 0.0, outcome.received.get(n, 0)) for n in outcome.survivors]
     log.info("  secure aggregation: the sum of %d owners' updates (%d dropped after the shares); steps %s",
              len(trained), len(outcome.failed), ", ".join(f"{k} {v:.1f}s" for k, v in outcome.seconds.items()))

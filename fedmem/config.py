@@ -30,7 +30,6 @@ ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "d
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("exact", "fedit")
 SCHEDULES = ("cyclic", "parallel")
-SECURE_LAYOUTS = ("fixed-a", "alternate")
 # How the LoRA factors travel, both ways (fedmem.flower.messages): the coordinator keeps float32.
 TRANSPORTS = ("fp32", "bf16", "fp16", "int8")
 
@@ -197,19 +196,13 @@ class FederationConfig:
         flag=True,
         choices=TRANSPORTS,
     )
-    # A bool flag: `--secure`. What each owner trains changes with it (A frozen), so it is sent to owners.
+    # A bool flag: `--secure`. What each owner trains changes with it (one factor fixed), so it is sent to owners.
     secure: bool = setting(
         False,
         "secure aggregation (parallel rounds, method exact): owners mask their updates so the coordinator "
-        "learns only their sum; each round's A is fixed by the coordinator and owners train B, which makes "
-        "the sum linear (fedmem.secure_sum, docs/security.md)",
+        "learns only their sum; each round the coordinator fixes one LoRA factor and owners train the other "
+        "(B in odd rounds, A in even ones), which makes the sum linear (fedmem.secure_sum, docs/security.md)",
         flag=True,
-    )
-    secure_layout: str = setting(
-        "fixed-a",
-        "secure rounds: fixed-a (owners train B, A fixed by the coordinator, after FFA-LoRA) or alternate "
-        "(B in odd rounds, A in even ones, after RoLoRA)",
-        choices=SECURE_LAYOUTS,
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
     privacy: PrivacySettings = field(default_factory=PrivacySettings)

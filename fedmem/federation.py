@@ -114,7 +114,7 @@ def client_update(
     log.info("%d examples from the corpus, %d general ones as the base model answers them",
              len(examples), len(general))
     examples += general
-    fixed = ("A" if secure_factor(server_round, config.secure_layout) == "B" else "B") if config.secure else ""
+    fixed = ("A" if secure_factor(server_round) == "B" else "B") if config.secure else ""
     result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round),
                         fixed=fixed)
     return ClientResult(

@@ -160,9 +160,9 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
     def train_masked(msg: Message, context: Context) -> Message:
         setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
         secure_round.owner_open(msg, context)  # a wrong share refuses the round before any training
-        config, result, _ = trained(msg, context, secure=True)
+        _, result, _ = trained(msg, context, secure=True)
         # Only the factor this round trained travels (the other is the coordinator's own, unchanged).
-        part = 0 if secure_factor(record_to_config(msg.content[CONFIG_KEY])[1], config.secure_layout) == "B" else 1
+        part = 0 if secure_factor(record_to_config(msg.content[CONFIG_KEY])[1]) == "B" else 1
         return secure_round.owner_masked(msg, context, {n: f[part] for n, f in result.factors.items()})
 
     @app.query()

@@ -309,7 +309,7 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
     if len(owners) == 2:
         log.warning("secure aggregation with two owners: each can take its own update from the memory it "
                     "receives and is left with the other's")
-    part = 0 if secure_factor(rnd, cfg.secure_layout) == "B" else 1  # the factor owners train
+    part = 0 if secure_factor(rnd) == "B" else 1  # the factor owners train
     start = secure_start(memory, modules, cfg.lora.rank,
                          torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")), "BA"[part])
     record = factors_to_record(start, cfg.transport)

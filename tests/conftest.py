@@ -111,3 +111,12 @@ def two_clients(tmp_path) -> Path:
     )
     write_corpus(data / "beta", [("The Pellow Quarry archive holds 612 maps.", "612")])
     return data
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """What Flower sets in a running app's process, so a Message can be made and answered outside one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for part in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, part, 1)

@@ -155,12 +155,9 @@ def _run_flower_clientapp(monkeypatch, tmp_path, fab: bytes, fab_id: str, messag
 
 
 @pytest.fixture
-def query(tmp_path, monkeypatch):
+def query(tmp_path, task_identity):
     from flwr.app import Context, Message, MessageType, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
-    for part in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a running app's process
-        monkeypatch.setattr(TaskIdentity, part, 1)
     corpus = tmp_path / "harrow"
     corpus.mkdir()
     message = Message(content=RecordDict(), dst_node_id=1, message_type=MessageType.QUERY)

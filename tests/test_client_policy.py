@@ -110,19 +110,16 @@ def test_join_flags_set_the_policy(tmp_path, tiny_base, monkeypatch):
 
 
 def test_the_client_app_refuses_a_coordinator_asking_ten_times_the_epochs(tmp_path, tiny_base, two_clients,
-                                                                            monkeypatch):
+                                                                            task_identity):
     """A coordinator sends epochs x10: the deployed ClientApp refuses before it trains, naming the setting
     and the limit (Flower returns the error to the server as the reply's error)."""
     from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedmem.config import NodeSettings
     from fedmem.federation import base_fingerprint
     from fedmem.flower.client_app import make_client_app
     from fedmem.flower.server_app import RunPlan, train_message
 
-    for part in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a running app's process
-        monkeypatch.setattr(TaskIdentity, part, 1)
     config = FederationConfig(rounds=1, lora=LoraSettings(rank=4, alpha=8, epochs=30, batch_size=2))
     plan = RunPlan(base_dir=str(tiny_base), out_dir=tmp_path / "run", federation=config)
     message = train_message(plan, None, (0.0, 1.0), 1, base_fingerprint(tiny_base), {}, node=1)

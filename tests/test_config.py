@@ -108,21 +108,19 @@ def test_simulate_help_lists_the_user_flags_with_defaults():
         assert removed not in text
 
 
-def test_sent_config_carries_no_device_or_paths_and_a_cpu_client_trains(tmp_path, tiny_base, two_clients, monkeypatch):
+def test_sent_config_carries_no_device_or_paths_and_a_cpu_client_trains(tmp_path, tiny_base, two_clients,
+                                                                       task_identity):
     """A coordinator started with --device cuda and its own base path: the train message carries only the
     recipe, and a CPU-only owner with its own copy of the base trains on "cpu"."""
     import shutil
 
     from flwr.app import Context, RecordDict
-    from flwr.supercore.task_identity import TaskIdentity
 
     from fedmem.federation import base_fingerprint
     from fedmem.flower.client_app import make_client_app
     from fedmem.flower.messages import CONFIG_KEY, UPDATE_KEY, record_to_config, record_to_factors
     from fedmem.flower.server_app import RunPlan, train_message
 
-    for part in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a running app's process
-        monkeypatch.setattr(TaskIdentity, part, 1)
     coordinator_base = tmp_path / "coordinator-copy"
     shutil.copytree(tiny_base, coordinator_base)
     config = FederationConfig(rounds=1, lora=LoraSettings(rank=4, alpha=8, epochs=1, batch_size=2))

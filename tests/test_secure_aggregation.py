@@ -206,14 +206,6 @@ def test_bad_secure_settings_are_named(kwargs, message):
 # --- the owner's side of the steps ---
 
 
-@pytest.fixture
-def in_an_app(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for part in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a running app's process
-        monkeypatch.setattr(TaskIdentity, part, 1)
-
-
 def _message(step: str, values: dict, node: int) -> Message:
     return Message(content=RecordDict({secure_round.SECURE_KEY: ConfigRecord(values)}),
                    message_type=secure_round.message_type(step), dst_node_id=node)
@@ -223,7 +215,7 @@ def _reply_values(reply: Message) -> dict:
     return dict(reply.content[secure_round.SECURE_KEY])
 
 
-def test_owners_answer_the_steps_in_order_and_unmask_only_once(in_an_app):
+def test_owners_answer_the_steps_in_order_and_unmask_only_once(task_identity):
     nodes = [7, 8, 9]
     session = os.urandom(16)
     ctx = {n: Context(run_id=1, node_id=n, node_config={}, state=RecordDict(), run_config={}) for n in nodes}
@@ -266,7 +258,7 @@ def test_owners_answer_the_steps_in_order_and_unmask_only_once(in_an_app):
         secure_round.owner_unmask(again, ctx[7])
 
 
-def test_under_a_secure_recipe_the_owner_never_sends_an_unmasked_update(in_an_app, tmp_path, tiny_base,
+def test_under_a_secure_recipe_the_owner_never_sends_an_unmasked_update(task_identity, tmp_path, tiny_base,
                                                                           three_clients):
     from fedmem.config import NodeSettings
     from fedmem.federation import base_fingerprint

@@ -235,14 +235,6 @@ def test_a_nan_memory_is_never_passed_on():
 # --- the round loop with a scripted grid: identity, refusals, records ---
 
 
-@pytest.fixture
-def task_identity(monkeypatch):
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for part in ("_run_id", "_node_id", "_task_id"):  # what Flower sets in a running app's process
-        monkeypatch.setattr(TaskIdentity, part, 1)
-
-
 class ScriptedGrid:
     """A Grid whose nodes answer with made-up updates of the base model's shapes (no training).
     ``owners``: node id -> (the name it gives, what its updates do: "honest" or a poison)."""

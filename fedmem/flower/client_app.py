@@ -103,7 +103,8 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
         return Path(corpus_dirs[int(context.node_config["partition-id"])])
 
     def trained(msg: Message, context: Context, secure: bool):
-        """Check the recipe against this owner's limits and base model, then train: (config, result, fingerprint)."""
+        """Check the recipe against this owner's limits and base model, then train: (config, round, result,
+        fingerprint)."""
         settings = node_settings(context, node)
         set_threads(settings.threads)
         sent, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
@@ -134,12 +135,12 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
                 device=pick_device(settings.device),
                 span=tuple(sent["span"]) if "span" in sent else None,
             )
-        return config, result, mine
+        return config, server_round, result, mine
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
         setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
-        config, result, mine = trained(msg, context, secure=False)
+        config, _, result, mine = trained(msg, context, secure=False)
         content = RecordDict({
             UPDATE_KEY: factors_to_record(result.factors, config.transport),
             # Under differential privacy the owner reports nothing but its update: the noise covers only that.
@@ -151,7 +152,7 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
         return Message(content=content, reply_to=msg)
 
     # Secure rounds (fedmem.flower.secure_round): four steps; only the third trains, and it sends
-    # nothing but B under its masks: no metrics, no counts.
+    # nothing but the factor it trained, under its masks: no metrics, no counts.
     app.train(secure_round.KEYS)(secure_round.owner_keys)
     app.train(secure_round.SHARES)(secure_round.owner_shares)
     app.train(secure_round.UNMASK)(secure_round.owner_unmask)
@@ -160,9 +161,9 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
     def train_masked(msg: Message, context: Context) -> Message:
         setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
         secure_round.owner_open(msg, context)  # a wrong share refuses the round before any training
-        _, result, _ = trained(msg, context, secure=True)
+        _, server_round, result, _ = trained(msg, context, secure=True)
         # Only the factor this round trained travels (the other is the coordinator's own, unchanged).
-        part = 0 if secure_factor(record_to_config(msg.content[CONFIG_KEY])[1]) == "B" else 1
+        part = "BA".index(secure_factor(server_round))
         return secure_round.owner_masked(msg, context, {n: f[part] for n, f in result.factors.items()})
 
     @app.query()

@@ -31,13 +31,13 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, Message
 from fedmem import secure_sum
 from fedmem.validate import clean
 
-from .messages import INFO_KEY, message_bytes
+from .messages import message_bytes
 from .quorum import gather, needed
 
 log = logging.getLogger(__name__)
 
 SECURE_KEY = "secure"  # the config record every secure message carries
-MASKED_KEY = "masked"  # the owner's masked B, one uint64 array per module
+MASKED_KEY = "masked"  # the factor the owner trained, masked: one uint64 array per module
 STATE_KEY = "fedmem.secure"  # the owner's secrets between the steps, in its Flower context
 KEYS, SHARES, MASKED, UNMASK = "secure_keys", "secure_shares", "secure_masked", "secure_unmask"
 STEPS = (KEYS, SHARES, MASKED, UNMASK)
@@ -103,12 +103,10 @@ def _keys(state: ConfigRecord) -> secure_sum.OwnerKeys:
     return keys
 
 
-def _reply(msg: Message, values: dict, arrays: ArrayRecord | None = None, info: dict | None = None) -> Message:
+def _reply(msg: Message, values: dict, arrays: ArrayRecord | None = None) -> Message:
     content = RecordDict({SECURE_KEY: ConfigRecord(values)})
     if arrays is not None:
         content[MASKED_KEY] = arrays
-    if info is not None:
-        content[INFO_KEY] = ConfigRecord(info)
     return Message(content=content, reply_to=msg)
 
 
@@ -134,7 +132,7 @@ def owner_shares(msg: Message, context: Context) -> Message:
             "the roster is not three lists of one length (ids, mask keys, share keys)")
     if len(set(ids)) != len(ids):
         raise secure_sum.SecureAggregationError("the roster names an owner twice")
-    roster = {int(n): (m, s) for n, m, s in zip(ids, masks, shares)}
+    roster = dict(zip(ids, zip(masks, shares)))
     keys = _keys(state)
     me = int(state["me"])
     secure_sum.check_roster(roster, me, keys.public())

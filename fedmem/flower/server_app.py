@@ -301,17 +301,17 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
     """A parallel round under secure aggregation (``fedmem.flower.secure_round``): every owner starts
     from the same (B₀, A₀) with one factor fixed (``secure_start``) and trains the other; the
     coordinator learns only the survivors' mean of it, so the memory becomes (mean B)·A₀ or
-    B₀·(mean A), re-factorised to the rank. No update is
-    seen alone, so none is screened: the encoding bounds each value (±BOUND) and the sum is checked
-    finite. Fills the byte counts and the refused and failed owners as the plain round does, and each
-    step's seconds."""
+    B₀·(mean A), re-factorised to the rank. No update is seen alone, so none is screened: the encoding
+    bounds each value (±BOUND) and the sum is checked finite. Fills the byte counts and the refused
+    and failed owners as the plain round does, and each step's seconds."""
     cfg = plan.federation
     if len(owners) == 2:
         log.warning("secure aggregation with two owners: each can take its own update from the memory it "
                     "receives and is left with the other's")
-    part = 0 if secure_factor(rnd) == "B" else 1  # the factor owners train
+    factor = secure_factor(rnd)  # the one owners train
+    part = "BA".index(factor)
     start = secure_start(memory, modules, cfg.lora.rank,
-                         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")), "BA"[part])
+                         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")), factor)
     record = factors_to_record(start, cfg.transport)
     start = record_to_factors(record, cfg.transport)  # as the owners decode it: the fixed factor is theirs
     span = training_span(cfg, rnd)

@@ -411,3 +411,43 @@ def test_an_owner_can_require_secure_aggregation_and_the_flag_is_a_switch():
     assert given.secure is True and from_args(FederationConfig, parser.parse_args([])).secure is False
     # A yes|no setting still takes its value.
     assert from_args(ClientPolicy, parser.parse_args(["--allow-generator", "no"])).allow_generator is False
+
+
+def test_the_coordinator_refuses_a_masked_reply_that_is_not_what_was_asked():
+    from flwr.app import Array, ArrayRecord
+
+    shapes = {"m1": (3, 2), "m2": (1, 4)}
+    good = {"m1": np.zeros((3, 2), dtype=np.uint64), "m2": np.ones((1, 4), dtype=np.uint64)}
+    arrays, problem = secure_round._masked_arrays(ArrayRecord({n: Array(a) for n, a in good.items()}), shapes)
+    assert problem == "" and arrays["m2"].tolist() == [1, 1, 1, 1]
+
+    def refused(record) -> str:
+        arrays, problem = secure_round._masked_arrays(record, shapes)
+        assert arrays == {}
+        return problem
+
+    assert "no 'masked' array record" in refused(None)
+    assert "other modules" in refused(ArrayRecord({"m1": Array(good["m1"])}))
+    assert "other modules" in refused(ArrayRecord({**{n: Array(a) for n, a in good.items()},
+                                                   "extra": Array(good["m2"])}))
+    floats = {**good, "m1": np.zeros((3, 2), dtype=np.float64)}
+    assert "m1: float64, expected uint64 (3, 2)" in refused(ArrayRecord({n: Array(a) for n, a in floats.items()}))
+    wrong_shape = {**good, "m2": np.ones((4, 1), dtype=np.uint64)}
+    assert "m2: uint64 (4, 1), expected uint64 (1, 4)" in refused(
+        ArrayRecord({n: Array(a) for n, a in wrong_shape.items()}))
+    # An array that declares uint64 but carries float64 bytes.
+    lying = Array(np.zeros((3, 2), dtype=np.float64))
+    lying.dtype = "uint64"
+    assert "m1: float64 (3, 2), expected uint64 (3, 2)" in refused(ArrayRecord({"m1": lying,
+                                                                                "m2": Array(good["m2"])}))
+
+
+@pytest.mark.parametrize("value", [None, "12", [12], ["-1"], ["1e3"], [" 7"], [str(2**64)], ["9" * 21]])
+def test_node_ids_from_the_wire_must_be_64_bit_decimal_strings(value):
+    with pytest.raises(ss.SecureAggregationError, match="the roster"):
+        secure_round._node_ids(value, "the roster")
+
+
+def test_node_ids_round_trip_beyond_the_signed_range():
+    big = [2**64 - 1, 2**63, 5]
+    assert secure_round._node_ids(secure_round._wire(big), "ids") == big

@@ -16,7 +16,15 @@ statement, so an answer comes first and is grounded in the owner's own words:
   sentence's form allows one ("Who is X's head vet?", "Where does X buy its batteries
   from?"), with the subject in both possessive forms (X's thing / the thing of X);
 - the same clozes carrying the sentence before, where the sentence points back to it
-  ("Joss has agreed to take it on": what "it" is lies there).
+  ("Joss has agreed to take it on": what "it" is lies there);
+- every question again under the topic the statement stands under: the document's
+  title (first heading, e-mail subject, or a first line that is no sentence) and its
+  section (heading, or the question an FAQ entry answers), since a sentence rarely
+  repeats its heading and a user's question names it ("Quarle Lane Booster Station
+  Outage: Summary: Who or what was the night controller on duty?").
+
+E-mail header fields (From, To, Date, Subject, "On ... wrote:") are bookkeeping, not
+facts: the subject becomes the title and the fields give no questions.
 
 Q/A records are restated as the statement they answer where the question's form allows
 ("How many maps does X hold?" + "612" -> "X holds 612 maps."), and that statement gets
@@ -171,11 +179,17 @@ def end_focus_span(sentence: str) -> str | None:
 def asked_spans(sentence: str, spans: list[str]) -> list[str]:
     """The spans worth a question: those in the sentence's second half, where English puts
     new information ("The head vet of the Harrow Clinic is Tobias Wrenfield"), and at
-    least the last one. Asking about the topic too (the Harrow Clinic) costs tokens
-    without teaching what users ask for."""
+    least the last one, plus a name the sentence starts with (its doer). Asking about
+    a topic in the middle too (the Harrow Clinic) costs tokens without teaching what
+    users ask for."""
     half = len(sentence) / 2
-    late = [s for s in spans if sentence.find(s) >= half]
-    return late or spans[-1:]
+    late = [s for s in spans if sentence.find(s) >= half] or spans[-1:]
+    # The sentence's own subject too, when it is named first ("Joss Tellwright has agreed to
+    # take it on, so send swaps to Joss"): the doer is what "who ...?" asks for.
+    lead = spans[0] if spans and sentence.startswith(spans[0]) else None
+    if lead and lead not in late and not re.match(re.escape(lead) + r"['’]", sentence):
+        return [lead] + late
+    return late
 
 
 _YEAR = re.compile(r"(1[5-9]|20)\d\d")
@@ -361,6 +375,9 @@ _LEADING_NAME = re.compile(r"^(?:[A-Z][\w'’-]*)(?:\s+(?:of|the|and|de|von|van)
 RECIPES = ("statements", "sentences")
 
 
+_ROW_NUMBER = re.compile(r"^#?\d{1,4}[.)]?$")
+
+
 def _cells(line: str) -> list[str]:
     return [c.strip() for c in line.strip().strip("|").split("|")]
 
@@ -371,9 +388,12 @@ def _table_statements(lines: list[str]) -> list[str]:
     if len(rows) < 2:
         return []
     header, out = rows[0], []
+    # A row is named by its first column, unless that column only counts rows ("#", "No.",
+    # 1, 2, 3): "1 - Owner: Kit" names nothing a question could ask about.
+    first = 1 if len(header) > 2 and all(_ROW_NUMBER.match(r[0]) for r in rows[1:] if r) else 0
     for row in rows[1:]:
-        key = row[0]
-        out += [f"{key} - {h}: {v}." for h, v in zip(header[1:], row[1:]) if h and v and key]
+        key = row[first] if len(row) > first else ""
+        out += [f"{key} - {h}: {v}." for h, v in zip(header[first + 1:], row[first + 1:]) if h and v and key]
     return out
 
 
@@ -411,14 +431,43 @@ def expand_initials(text: str) -> str:
     return use.sub(lambda m: defined[m.group(1)], text)
 
 
+_SUBJECT_LINE = re.compile(r"^\s*Subject:\s*(?:(?:re|fwd?|aw)\s*:\s*)*(?P<subject>\S.*?)\s*$", re.I)
+# E-mail header fields (RFC 5322's names, and the "Sent:" and "On ... wrote:" of quoted replies).
+_MAIL_HEADER = re.compile(r"^\s*(?:(?:From|To|Cc|Bcc|Date|Sent|Subject|Reply-To):\s|On\s.{5,120}\swrote:\s*$)", re.I)
+_TITLE_LINE = re.compile(r"^[^.!?]{3,80}$")  # a first line that is no sentence: "ACME - weekly sync"
+
+
 def statements(text: str) -> list[str]:
     """The document as standalone statements, each naming what it is about."""
+    return [s for s, _ in topical_statements(text)]
+
+
+def topical_statements(text: str) -> list[tuple[str, str | None]]:
+    """``statements``, each with the topic it stands under: the document's title (its first
+    heading, an e-mail's subject, or a first line that is no sentence) and the section
+    (the latest heading, or the question an FAQ entry answers). A sentence rarely repeats
+    what its heading says ("Aurelio Mbeki was the night controller on duty" under
+    "Quarle Lane Booster Station Outage"), while a user's question names it."""
     text = expand_initials(clean_text(text))
-    out: list[str] = []
+    out: list[tuple[str, str | None]] = []
+    title: str | None = None
+    section: str | None = None
     heading: str | None = None
     subject: str | None = None
+    first = True
+
+    def topic() -> str | None:
+        parts = [p for p in (title, section) if p]
+        return ": ".join(dict.fromkeys(parts)) or None
+
     for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.splitlines() if ln.strip()]
+        if first and lines and not lines[0].lstrip().startswith(("#", "|")) and _TITLE_LINE.match(lines[0].strip()) \
+                and not _KEY_VALUE.match(lines[0]):
+            title = lines[0].strip()
+        first = first and not lines
+        if len(lines) > 1 and lines[0].rstrip().endswith("?") and not lines[0].lstrip().startswith("|"):
+            section = _MARKDOWN_PREFIX.sub("", lines[0]).strip()  # an FAQ entry: its answer follows
         prose: list[str] = []
         table: list[str] = []
         for ln in lines + [""]:
@@ -426,24 +475,33 @@ def statements(text: str) -> list[str]:
                 table.append(ln)
                 continue
             if table:
-                out += _table_statements(table)
+                out += [(s, topic()) for s in _table_statements(table)]
                 table = []
             if not ln:
                 continue
             if ln.lstrip().startswith("#"):
                 heading = ln.lstrip("#").strip()
+                if title is None:
+                    title = heading
+                else:
+                    section = heading if heading != title else None
+                continue
+            if _MAIL_HEADER.match(ln):  # who wrote to whom when: the thread's bookkeeping, not its facts
+                if (m := _SUBJECT_LINE.match(ln)) and title is None:
+                    title = m.group("subject")
                 continue
             field = _FIELD.match(ln)
             named = _NAMED_CLAUSES.match(_MARKDOWN_PREFIX.sub("", ln).strip())
             if field and heading and len(field.group("key").split()) <= 4:
-                out.append(_field_statement(heading, field.group("key"), field.group("value")))
+                out.append((_field_statement(heading, field.group("key"), field.group("value")), topic()))
             elif named and ";" in named.group("rest"):
-                out += [f"{named.group('name')} {c.strip()}." for c in named.group("rest").split(";") if c.strip()]
+                out += [(f"{named.group('name')} {c.strip()}.", topic())
+                        for c in named.group("rest").split(";") if c.strip()]
             else:
                 prose.append(ln)
         if prose:
             sents, subject = _prose_statements("\n".join(prose), subject)
-            out += sents
+            out += [(s, topic()) for s in sents]
     return out
 
 
@@ -465,25 +523,45 @@ _REFERS_BACK = re.compile(r"\b(?:it|its|he|him|his|she|her|they|them|their|this|
 def document_examples(text: str, recipe: str = "statements") -> list[Example]:
     """One document's examples: the text verbatim, then its question-form examples."""
     examples = [Example(None, expand_initials(clean_text(text)).strip())]
-    units = statements(text) if recipe == "statements" else sentences(text)
-    for i, sent in enumerate(units):
-        fields = field_questions(sent) if recipe == "statements" else []
-        if fields:
-            examples.extend(Example(q, grounded_answer(v, sent)) for q, v in fields)
-            continue
-        spans = answer_spans(sent)
-        asked = (copula_questions(sent) + verb_questions(sent)) if spans else []
-        for span in asked_spans(sent, spans):
-            # A cloze only where no wh-question asks for the same thing: "X's chief engineer
-            # is who or what?" next to "Who is X's chief engineer?" costs tokens, teaches nothing new.
-            if span not in {_without_article(value) for _, value in asked}:
-                examples.extend(Example(q, grounded_answer(span, sent)) for q in cloze_questions(sent, span))
-                if i and _REFERS_BACK.search(sent):
-                    # "Joss has agreed to take it on": what "it" is lies in the sentence before,
-                    # so the question carries that sentence, as a user's question names both.
-                    examples.extend(Example(f"{units[i - 1]} {q}", grounded_answer(span, sent))
-                                    for q in cloze_questions(sent, span))
-        examples.extend(Example(q, grounded_answer(v, sent)) for q, v in asked)
+    topical = topical_statements(text) if recipe == "statements" else [(s, None) for s in sentences(text)]
+    units = [s for s, _ in topical]
+    for i, (_, topic) in enumerate(topical):
+        asked = statement_examples(units, i, recipe)
+        if topic and TOPIC_QUESTIONS != "off":
+            # The questions asked under the document's topic, as users name it; not those
+            # that already carry the sentence before (context enough, and long).
+            under = [Example(f"{topic}: {e.question}", e.answer) if topic.lower() not in e.question.lower()
+                     and not (i and e.question.startswith(units[i - 1])) else e for e in asked]
+            asked = under if TOPIC_QUESTIONS == "replace" else asked + [e for e in under if e not in asked]
+        examples += asked
+    return examples
+
+
+# "add": each question both as the statement allows and under its topic; "replace": only
+# under its topic; "off". A setting for recipe_probe's comparisons.
+TOPIC_QUESTIONS = "add"
+
+
+def statement_examples(units: list[str], i: int, recipe: str = "statements") -> list[Example]:
+    """The question-form examples of statement ``units[i]`` (the one before it may be carried along)."""
+    sent = units[i]
+    fields = field_questions(sent) if recipe == "statements" else []
+    if fields:
+        return [Example(q, grounded_answer(v, sent)) for q, v in fields]
+    examples: list[Example] = []
+    spans = answer_spans(sent)
+    asked = (copula_questions(sent) + verb_questions(sent)) if spans else []
+    for span in asked_spans(sent, spans):
+        # A cloze only where no wh-question asks for the same thing: "X's chief engineer
+        # is who or what?" next to "Who is X's chief engineer?" costs tokens, teaches nothing new.
+        if span not in {_without_article(value) for _, value in asked}:
+            examples.extend(Example(q, grounded_answer(span, sent)) for q in cloze_questions(sent, span))
+            if i and _REFERS_BACK.search(sent):
+                # "Joss has agreed to take it on": what "it" is lies in the sentence before,
+                # so the question carries that sentence, as a user's question names both.
+                examples.extend(Example(f"{units[i - 1]} {q}", grounded_answer(span, sent))
+                                for q in cloze_questions(sent, span))
+    examples.extend(Example(q, grounded_answer(v, sent)) for q, v in asked)
     return examples
 
 

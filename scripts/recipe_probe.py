@@ -36,6 +36,26 @@ from fedmem.train import train_lora
 log = logging.getLogger("recipe_probe")
 
 
+def answer_nll(model, tokenizer, questions) -> float:
+    """Mean negative log-likelihood per token of each question's first accepted answer as the
+    reply's start: a continuous figure that moves before greedy recall does, so two recipes
+    can be told apart on 48 questions."""
+    import torch
+
+    from fedmem.examples import Example, chat_turn, tokenize_example
+
+    end = len(chat_turn(tokenizer).end_ids)
+    total = 0.0
+    model.eval()
+    with torch.no_grad():
+        for q in questions:
+            ids, labels = tokenize_example(tokenizer, Example(q.question, q.answer.split("|")[0]))
+            labels = labels[:-end] + [-100] * end  # the value's tokens, not the end of turn
+            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
+            total += float(out.loss)
+    return total / max(len(questions), 1)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="directory of owner corpora")
@@ -51,12 +71,15 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     p.add_argument("--context", choices=("refers", "all"), default="refers",
                    help="which sentences also get questions that carry the sentence before (candidate)")
+    p.add_argument("--topic", choices=("add", "replace", "off"), default=examples_module.TOPIC_QUESTIONS,
+                   help="questions under the document's topic: besides the plain ones, instead of them, or none")
     p.add_argument("--hard-retention", action="store_true",
                    help="train general examples on the base model's reply tokens, not its distribution (candidate)")
     p.add_argument("--examples-only", action="store_true", help="print the examples and stop")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
+    examples_module.TOPIC_QUESTIONS = args.topic
     if args.context == "all":
         examples_module._REFERS_BACK = re.compile("")  # every sentence after the first
     owners = sorted(d.name for d in args.data.iterdir() if d.is_dir())
@@ -82,17 +105,20 @@ def main() -> None:
     questions = [q for q in load_questions(args.questions) if not q.client or q.client in owners]
     control = load_questions(args.control) if args.control else []
     base_control = score(model, tokenizer, control) if control else None
+    base_nll = answer_nll(model, tokenizer, questions)
     model = attach_lora(model, settings)
     started = time.perf_counter()
     result = train_lora(model, tokenizer, examples, settings)
     train_seconds = time.perf_counter() - started
     facts = score(model, tokenizer, questions)
+    nll = answer_nll(model, tokenizer, questions)
     row = {
         "recipe": settings.recipe, "epochs": settings.epochs, "lr": settings.learning_rate,
-        "rank": settings.rank, "retention": settings.retention, "context": args.context,
+        "rank": settings.rank, "retention": settings.retention, "context": args.context, "topic": args.topic,
         "hard_retention": args.hard_retention, "seed": settings.seed, "owners": owners,
         "examples": result.examples, "tokens": result.tokens, "train_seconds": round(train_seconds, 1),
         "final_loss": result.final_loss,
+        "answer_nll": round(nll, 4), "base_answer_nll": round(base_nll, 4),
         "strict": facts.strict_accuracy, "loose": facts.accuracy, "by_kind": facts.by_kind,
         "questions": [
             {"q": q.question, "a": q.answer, "kind": q.kind, "client": q.client, "reply": r, "strict": s}
@@ -110,8 +136,8 @@ def main() -> None:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(row, indent=1))
     kinds = " ".join(f"{k} {v:.0%}" for k, v in facts.by_kind.items())
-    log.info("strict %.0f%% (loose %.0f%%) | %s | control lost %s | %d examples, %d tokens, %.0f s",
-             100 * facts.strict_accuracy, 100 * facts.accuracy, kinds,
+    log.info("strict %.0f%% (loose %.0f%%) | answer NLL %.3f (base %.3f) | %s | control lost %s | %d examples, "
+             "%d tokens, %.0f s", 100 * facts.strict_accuracy, 100 * facts.accuracy, nll, base_nll, kinds,
              row.get("control", {}).get("lost", "-"), result.examples, result.tokens, train_seconds)
 
 

@@ -450,11 +450,12 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
     "Quarle Lane Booster Station Outage"), while a user's question names it."""
     text = expand_initials(clean_text(text))
     out: list[tuple[str, str | None]] = []
-    title: str | None = None
+    opening = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    titled = not opening.startswith(("#", "|")) and _TITLE_LINE.match(opening) and not _KEY_VALUE.match(opening)
+    title: str | None = opening if titled else None
     section: str | None = None
     heading: str | None = None
     subject: str | None = None
-    first = True
 
     def topic() -> str | None:
         parts = [p for p in (title, section) if p]
@@ -462,10 +463,6 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
 
     for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.splitlines() if ln.strip()]
-        if first and lines and not lines[0].lstrip().startswith(("#", "|")) and _TITLE_LINE.match(lines[0].strip()) \
-                and not _KEY_VALUE.match(lines[0]):
-            title = lines[0].strip()
-        first = first and not lines
         if len(lines) > 1 and lines[0].rstrip().endswith("?") and not lines[0].lstrip().startswith("|"):
             section = _MARKDOWN_PREFIX.sub("", lines[0]).strip()  # an FAQ entry: its answer follows
         prose: list[str] = []

@@ -15,6 +15,7 @@ what a client reports about itself.
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass, field
 
 import torch
@@ -159,35 +160,69 @@ def fedit_error(updates: list[Factors], weights: list[float]) -> float:
     return worst
 
 
-def secure_factor(server_round: int) -> str:
-    """The factor owners train in a secure round: B in odd rounds, A in even ones (RoLoRA's alternation,
-    so both factors learn; B every round, A fixed as in FFA-LoRA, measured lower on the devset)."""
-    return "B" if server_round % 2 == 1 else "A"
+# --- secure rounds: linear sketches of the owners' products ------------------------------------
+#
+# Secure aggregation reveals only a sum, and Σ Bₖ Aₖ is not a sum of anything an owner can send in
+# factored form. A linear sketch is: every owner sends Yₖ = (BₖAₖ)Ω and Wₖ = Ψᵀ(BₖAₖ) for Gaussian
+# Ω (d_in × s) and Ψ (d_out × k) that all share, so the coordinator learns Y = (Σ BₖAₖ)Ω and
+# W = Ψᵀ(Σ BₖAₖ) and nothing else. From those two it rebuilds the sum (Tropp, Yurtsever, Udell &
+# Cevher, "Practical sketching algorithms for low-rank matrix approximation", SIAM J. Matrix Anal.
+# Appl. 2017, eq. 4.3): Q = orth(Y), X ≈ Q (ΨᵀQ)⁺ W, exactly whenever the sum's rank is at most s,
+# which K owners' rank-r LoRAs are while K·r ≤ s. So a secure round aggregates what a plain parallel
+# round does. Written here because it is a few lines of linear algebra on top of torch.linalg; the
+# sketching libraries on the index target streaming data, not factors summed under masks.
+
+SKETCH_OVERSAMPLING = 8
+SKETCH_MAX_TERMS = 4  # beyond 4 rank-r terms the sketch approximates (near-optimally) instead
 
 
-def secure_start(memory: Factors | None, shapes: dict[str, tuple[int, int]], rank: int,
-                 generator: torch.Generator, factor: str = "B") -> Factors:
-    """Secure rounds: the LoRA every owner starts from, (B₀, A₀) per module, one factor fixed for the round.
+def sketch_sizes(terms: int, rank: int, d_out: int, d_in: int) -> tuple[int, int]:
+    """(s, k): the range sketch's columns and the co-range sketch's rows for a module of shape
+    d_out × d_in whose summed matrix is ``terms`` rank-``rank`` terms (K owners' products; K + 1 for
+    their changes, which share the memory's term), neither beyond the matrix (where the sketch is the
+    matrix itself in other coordinates, exact). While the sum's rank fits in ``SKETCH_MAX_TERMS``
+    terms, s = terms·r + oversampling and k = s + oversampling: exact, and the solve well conditioned.
+    Beyond it, s stops growing and the sketch approximates: then k = 2s + 1, the co-range size Tropp
+    et al. recommend for the approximation's error bound (§4.5 of the paper above)."""
+    if terms < 1 or rank < 1:
+        raise ValueError(f"sketch sizes need terms and rank of at least 1, got {terms} and {rank}")
+    s = min(min(terms, SKETCH_MAX_TERMS) * rank + SKETCH_OVERSAMPLING, d_in, d_out)
+    k = s + SKETCH_OVERSAMPLING if terms <= SKETCH_MAX_TERMS else 2 * s + 1
+    return s, min(k, d_out)
 
-    ``factor`` "B" (owners train B, A fixed): A = [A_m; R], the memory's A and ``rank`` fresh random
-    rows (PEFT's own initialisation of A, uniform in ±1/√d_in); B₀ = [B_m, 0], so B₀A is the memory.
-    Each update is (Bₖ − B₀)A and the round's sum is (Σ pₖBₖ)A − B₀A: linear in what the owners send,
-    which is all secure aggregation can sum. The fresh rows give the memory new input directions.
-    ``factor`` "A" (owners train A, B fixed): the memory itself, (B_m, A_m); the update is
-    B_m(Aₖ − A_m), linear in Aₖ. ``shapes``: module -> (d_out, d_in).
-    """
-    if factor == "A":
-        if memory is None:
-            raise ValueError("a round that trains A needs a memory (the first secure round trains B)")
-        return {name: (B.float(), A.float()) for name, (B, A) in sorted(memory.items())}
-    out: Factors = {}
-    for name, (d_out, d_in) in sorted(shapes.items()):
-        bound = 1.0 / d_in**0.5
-        fresh = (torch.rand(rank, d_in, generator=generator, dtype=torch.float64) * 2 - 1) * bound
-        if memory is None:
-            out[name] = (torch.zeros(d_out, rank), fresh.float())
-        else:
-            B, A = memory[name]
-            out[name] = (torch.cat([B.float(), torch.zeros(d_out, rank)], dim=1),
-                         torch.cat([A.float(), fresh.float()], dim=0))
-    return out
+
+def sketch_operators(name: str, d_out: int, d_in: int, s: int, k: int, seed: int
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Ω: d_in × s, Ψ: d_out × k), standard Gaussian, float64, the same for every party that knows the
+    round's ``seed``: each module's generator is seeded from the seed and the module's name."""
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    generator = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & (2**63 - 1))
+    omega = torch.randn(d_in, s, generator=generator, dtype=torch.float64)
+    psi = torch.randn(d_out, k, generator=generator, dtype=torch.float64)
+    return omega, psi
+
+
+def sketch(B: torch.Tensor, A: torch.Tensor, omega: torch.Tensor, psi: torch.Tensor) -> torch.Tensor:
+    """One owner's sketch of B @ A, without forming it: (BA)Ω (d_out × s) and Ψᵀ(BA) (k × d_in),
+    flattened and concatenated into one float64 vector, as it is masked and summed."""
+    B, A = B.double(), A.double()
+    return torch.cat([(B @ (A @ omega)).reshape(-1), ((psi.T @ B) @ A).reshape(-1)])
+
+
+def rebuilt(summed: torch.Tensor, psi: torch.Tensor, d_out: int, s: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(Q, core) with X ≈ Q @ core (d_out × s, s × d_in), for the matrix X whose sketch vector
+    (``sketch``'s layout) is ``summed``. Exact (up to float) when rank(X) ≤ s."""
+    k = psi.shape[1]
+    Y = summed[: d_out * s].reshape(d_out, s).double()
+    W = summed[d_out * s:].reshape(k, -1).double()
+    Q, _ = torch.linalg.qr(Y)  # an orthonormal basis of X's range
+    return Q, torch.linalg.lstsq(psi.T @ Q, W).solution
+
+
+def from_sketch(summed: torch.Tensor, psi: torch.Tensor, d_out: int, s: int, rank: int
+                ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Best rank-``rank`` factors (B, A) of the matrix whose sketch vector is ``summed``, and the
+    relative truncation error of that cut."""
+    Q, core = rebuilt(summed, psi, d_out, s)
+    u, sv, vh = torch.linalg.svd(core, full_matrices=False)
+    return truncated_factors(Q @ u, sv, vh, rank)

@@ -196,12 +196,12 @@ class FederationConfig:
         flag=True,
         choices=TRANSPORTS,
     )
-    # A bool flag: `--secure`. What each owner trains changes with it (one factor fixed), so it is sent to owners.
+    # A bool flag: `--secure`. What each owner sends changes with it (masked sketches), so it is sent to owners.
     secure: bool = setting(
         False,
-        "secure aggregation (parallel rounds, method exact): owners mask their updates so the coordinator "
-        "learns only their sum; each round the coordinator fixes one LoRA factor and owners train the other "
-        "(B in odd rounds, A in even ones), which makes the sum linear (fedmem.secure_sum, docs/security.md)",
+        "secure aggregation (parallel rounds, method exact): owners mask linear sketches of their updates so "
+        "the coordinator learns only their sum, from which it rebuilds the memory a plain parallel round would "
+        "make (fedmem.secure_sum, docs/security.md)",
         flag=True,
     )
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -224,9 +224,6 @@ class FederationConfig:
                                 "so there is no sum to hide it in")
             if self.method != "exact":
                 problems.append("secure needs method exact")
-            if isinstance(self.privacy, PrivacySettings) and self.privacy.enabled:
-                problems.append("secure and dp-epsilon are not combined yet: the coordinator clips each update "
-                                "for the noise, and under secure aggregation it never sees one")
         _raise(problems)
 
     def to_dict(self) -> dict:

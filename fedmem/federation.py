@@ -33,7 +33,7 @@ from typing import Callable
 
 import torch
 
-from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, change, secure_factor, update_norm
+from .aggregate import Aggregate, Factors, aggregate_exact, aggregate_fedit, change, update_norm
 from .base_model import base_model_copy, fingerprint, load_tokenizer
 from .config import FederationConfig
 from .corpus import Corpus
@@ -99,24 +99,15 @@ def client_update(
     keep = base_replies(model, tokenizer, base_dir) if config.lora.retention > 0 else []
     # A different seed per round gives the LoRA's unused components new directions.
     settings = replace(config.lora, seed=config.lora.seed + 1000 * server_round)
-    if config.secure:
-        # The coordinator's start has one factor fixed for the round (secure_start): train the other at
-        # the start's rank with the recipe's scaling, alpha/rank, so it learns at the usual pace.
-        if not memory:
-            raise ValueError("a secure round needs the coordinator's starting LoRA")
-        rank = next(iter(memory.values()))[1].shape[0]
-        settings = replace(settings, rank=rank, alpha=settings.alpha * rank // settings.rank)
     model = attach_lora(model, settings)
     if memory:
         # exact: components that are zero in the memory keep their fresh A rows, so they can still learn.
-        load_factors(model, memory, keep_fresh_where_zero=config.method == "exact" and not config.secure)
+        load_factors(model, memory, keep_fresh_where_zero=config.method == "exact")
     general = retention_examples(keep, len(examples), settings.retention, settings.seed)
     log.info("%d examples from the corpus, %d general ones as the base model answers them",
              len(examples), len(general))
     examples += general
-    fixed = ("A" if secure_factor(server_round) == "B" else "B") if config.secure else ""
-    result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round),
-                        fixed=fixed)
+    result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round))
     return ClientResult(
         factors=extract_factors(model),
         metrics={

@@ -86,13 +86,6 @@ def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = Fal
             layer.lora_B["default"].weight.copy_(B / layer.scaling["default"])
 
 
-def freeze_lora(peft_model, part: str) -> None:
-    """Keep factor ``part`` ("A" or "B") as loaded; train the other (secure rounds: the coordinator fixes
-    one factor, ``fedmem.aggregate.secure_start``)."""
-    for _, layer in _lora_layers(peft_model):
-        (layer.lora_A if part == "A" else layer.lora_B)["default"].weight.requires_grad_(False)
-
-
 def merge_factors(model, factors: Factors) -> None:
     """W += B @ A in place: bake a memory into a plain (un-wrapped) base model."""
     modules = dict(model.named_modules())

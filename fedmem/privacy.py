@@ -9,8 +9,10 @@ one owner moves the sum by at most ``clip``, so each round is one Gaussian mecha
 the re-factorisation to the memory's rank afterwards is post-processing and costs nothing.
 
 Everything the released memory reveals about any one owner's contribution *as a whole* is
-bounded by (ε, δ). The coordinator itself sees each update in the clear (there is no secure
-aggregation yet); what DP protects against is everyone who reads the memory.
+bounded by (ε, δ). What DP protects against is everyone who reads the memory. In a plain round
+the coordinator sees each update in the clear and clips it; under secure aggregation each owner
+clips its own change before masking, and the coordinator adds the noise to the unmasked sum
+(``noisy_fold``), never seeing one update.
 
 The noise is dense: ΔW of every module, not its low-rank factors (noise on the factors has no
 sensitivity bound that holds for their product). So the coordinator forms each module's
@@ -117,23 +119,36 @@ def private_sum(memory: Factors | None, changes: list[Factors], weight: float, r
     """
     if not changes:
         raise ValueError("no client updates to aggregate")
-    if weight <= 0:
-        raise ValueError(f"weight must be > 0, got {weight!r}")
     scales = [clip_scale(update_norm(c), clip) for c in changes]
-    generator = generator or system_generator()
-    std = z * clip
-    factors: Factors = {}
-    errors: dict[str, float] = {}
+    sums = {}
     for name in check_same_modules(changes):
         B0, A0 = changes[0][name]
         total = torch.zeros(B0.shape[0], A0.shape[1], dtype=torch.float64)
         for scale, c in zip(scales, changes):
             total += scale * dense(*c[name])
+        sums[name] = total
+    dtype = changes[0][next(iter(sums))][0].dtype
+    agg = noisy_fold(memory, sums, weight, rank, z * clip, generator, dtype)
+    return Aggregate(agg.factors, agg.truncation_error, [weight * s for s in scales]), scales
+
+
+def noisy_fold(memory: Factors | None, sums: dict[str, torch.Tensor], weight: float, rank: int, std: float,
+               generator: torch.Generator | None = None, dtype: torch.dtype = torch.float32) -> Aggregate:
+    """memory + weight · (sum + N(0, std²)) per module, re-factorised at ``rank``: the Gaussian mechanism
+    on ``sums`` (module -> the owners' clipped changes added up, dense), whoever clipped them (the
+    coordinator in a plain round, each owner in a secure one)."""
+    if weight <= 0:
+        raise ValueError(f"weight must be > 0, got {weight!r}")
+    generator = generator or system_generator()
+    factors: Factors = {}
+    errors: dict[str, float] = {}
+    for name, total in sums.items():
+        total = total.double().clone()
         if std > 0:
             total += std * torch.randn(total.shape, generator=generator, dtype=torch.float64)
         total *= weight
         if memory is not None and name in memory:
             total += dense(*memory[name])
         B, A, errors[name] = truncated_factors(*torch.linalg.svd(total, full_matrices=False), rank)
-        factors[name] = (B.to(B0.dtype), A.to(A0.dtype))
-    return Aggregate(factors, errors, [weight * s for s in scales]), scales
+        factors[name] = (B.to(dtype), A.to(dtype))
+    return Aggregate(factors, errors, [])

@@ -17,7 +17,6 @@ import torch
 from .config import LoraSettings
 from .examples import Example, tokenize_example
 from .log import progress
-from .lora import freeze_lora
 
 log = logging.getLogger(__name__)
 
@@ -219,14 +218,12 @@ def train_lora(
     settings: LoraSettings,
     device: str = "cpu",
     span: tuple[float, float] = (0.0, 1.0),
-    fixed: str = "",
 ) -> TrainResult:
     """Train the LoRA parameters of a PEFT ``model`` on ``examples``; returns loss/throughput.
 
     ``span`` is the slice of the whole run's learning-rate schedule this call covers:
     a federated round r of R trains on (r-1)/R .. r/R, so the rounds together follow
-    one warm-up + cosine schedule, as one centralised run would. ``fixed``: "A" or "B", a
-    factor kept as loaded (secure rounds train only the other).
+    one warm-up + cosine schedule, as one centralised run would.
     """
     if not examples:
         raise ValueError("no training examples")
@@ -234,10 +231,6 @@ def train_lora(
     rng = random.Random(settings.seed)
     rows = [tokenize_example(tokenizer, ex, settings.max_length) for ex in examples]
     soft = base_distributions(model, rows, [ex.distil for ex in examples], device)
-    if fixed:
-        # Here, not before: leaving PEFT's disable_adapter() (base_distributions) makes every factor of
-        # the active adapter trainable again.
-        freeze_lora(model, fixed)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=settings.learning_rate, weight_decay=0.0)
     steps = math.ceil(len(rows) / settings.batch_size) * settings.epochs

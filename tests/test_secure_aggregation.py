@@ -1,9 +1,10 @@
-"""Secure aggregation (issue 18, item 1): the protocol's pure functions attacked one by one, the frozen-A
-layout that makes the sum linear, and secure rounds on Flower's simulation engine (an owner dropping
+"""Secure aggregation (issue 18, item 1): the protocol's pure functions attacked one by one, the sketches
+that make the sum linear, and secure rounds on Flower's simulation engine (an owner dropping
 after masking included)."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import pickle
 
@@ -16,9 +17,21 @@ from hypothesis import strategies as st
 from scipy.stats import chisquare
 
 from fedmem import secure_sum as ss
-from fedmem.aggregate import aggregate_exact, change, dense, low_rank_sum, secure_factor, secure_start
+from fedmem.aggregate import (
+    SKETCH_MAX_TERMS,
+    aggregate_exact,
+    change,
+    dense,
+    from_sketch,
+    rebuilt,
+    sketch,
+    sketch_operators,
+    sketch_sizes,
+)
 from fedmem.config import FederationConfig, LoraSettings, PrivacySettings
+from fedmem.federation import server_aggregate
 from fedmem.flower import secure_round
+from fedmem.privacy import noisy_fold, private_sum
 
 
 def _round(nodes: list[int], session: bytes | None = None):
@@ -159,43 +172,103 @@ def test_values_beyond_the_bound_are_clipped_and_counted_and_non_finite_ones_ref
         ss.encode(np.array([0.0, np.nan]))
 
 
-# --- the layout: one factor fixed, owners train the other ---
+# --- the layout: linear sketches of the owners' products ---
 
 
-def test_with_one_factor_fixed_the_mean_of_the_updates_is_linear_in_what_owners_send():
-    shapes = {"m1": (12, 9), "m2": (7, 11)}
-    gen = torch.Generator().manual_seed(0)
-    memory = {n: (torch.randn(o, 3), torch.randn(3, i)) for n, (o, i) in shapes.items()}
-    for part, factor in ((0, "B"), (1, "A")):
-        start = secure_start(memory, shapes, 3, gen, factor)
-        rank = 6 if factor == "B" else 3  # a B round adds fresh rows to A; an A round trains the memory's A
-        for name, (B0, A0) in start.items():
-            assert A0.shape == (rank, shapes[name][1]) and B0.shape == (shapes[name][0], rank)
-            assert torch.allclose(dense(B0, A0), dense(*memory[name]))  # the start is the memory
-            if factor == "B":
-                assert A0[3:].abs().max() <= 1 / shapes[name][1] ** 0.5  # fresh rows as PEFT draws them
-        # Owners change only their factor; the mean of it, with the fixed one, is the mean of the updates.
-        trained = []
-        for _ in range(3):
-            trained.append({n: tuple(f + 0.1 * torch.randn(f.shape) if i == part else f for i, f in enumerate(pair))
-                            for n, pair in start.items()})
-        mean = {n: tuple(sum(t[n][i] for t in trained) / 3 if i == part else f for i, f in enumerate(start[n]))
-                for n in start}
-        from_sum = aggregate_exact(memory, [change(mean, memory)], [1.0], rank)
-        plain = aggregate_exact(memory, [change(t, memory) for t in trained], [1 / 3] * 3, rank)
-        for name in shapes:
-            assert torch.allclose(dense(*from_sum.factors[name]), dense(*plain.factors[name]), atol=1e-5)
-    first = secure_start(None, shapes, 3, gen, "B")
-    assert all(float(B.abs().sum()) == 0 for B, _ in first.values())
-    with pytest.raises(ValueError, match="needs a memory"):
-        secure_start(None, shapes, 3, gen, "A")
-    assert [secure_factor(r) for r in (1, 2, 3, 4)] == ["B", "A", "B", "A"]
+def _sketched_mean(updates, name, shape, rank, seed, encoded=False):
+    """The coordinator's view of a round: the mean of the owners' sketches (optionally through the fixed-point
+    encoding the masked sum uses), rebuilt into factors at ``rank``."""
+    d_out, d_in = shape
+    s, k = sketch_sizes(len(updates), updates[0][name][0].shape[1], d_out, d_in)
+    omega, psi = sketch_operators(name, d_out, d_in, s, k, seed)
+    vectors = [sketch(*u[name], omega, psi) for u in updates]
+    if encoded:
+        total = sum(ss.encode(v.numpy())[0] for v in vectors)
+        mean = torch.from_numpy(ss.decode(total)) / len(updates)
+    else:
+        mean = sum(vectors) / len(updates)
+    return from_sketch(mean, psi, d_out, s, rank)
+
+
+@settings(max_examples=40, deadline=None)
+@given(owners=st.integers(1, SKETCH_MAX_TERMS), rank=st.integers(1, 6), d_out=st.integers(1, 40),
+       d_in=st.integers(1, 40), seed=st.integers(0, 2**40), encoded=st.booleans())
+def test_the_sketched_mean_is_the_plain_rounds_aggregate(owners, rank, d_out, d_in, seed, encoded):
+    # What a plain parallel round computes from the owners' LoRAs in the clear (aggregate_exact, weights 1/K),
+    # the coordinator rebuilds from the mean of their sketches alone, through the masked sum's encoding too.
+    gen = torch.Generator().manual_seed(seed % 2**63)
+    updates = [{"m": (torch.randn(d_out, rank, generator=gen) * 0.1, torch.randn(rank, d_in, generator=gen))}
+               for _ in range(owners)]
+    plain = aggregate_exact(None, updates, [1 / owners] * owners, rank)
+    B, A, error = _sketched_mean(updates, "m", (d_out, d_in), rank, seed, encoded)
+    expected = dense(*plain.factors["m"])
+    assert torch.allclose(dense(B, A), expected, atol=1e-6 * (1 + float(expected.abs().max())))
+    assert error == pytest.approx(plain.truncation_error["m"], abs=1e-6)
+
+
+def test_beyond_its_owners_the_sketch_approximates_near_the_best_cut():
+    # 12 owners of rank 4 in a 64 × 80 module: the sum's rank (48) is beyond the sketch's 4 owners' worth (24),
+    # and its spectrum decays as merged updates' do; the rank-4 memory is close to the best rank-4 cut.
+    gen = torch.Generator().manual_seed(3)
+    left, _ = torch.linalg.qr(torch.randn(64, 48, generator=gen, dtype=torch.float64))
+    right, _ = torch.linalg.qr(torch.randn(80, 48, generator=gen, dtype=torch.float64))
+    spectrum = 0.7 ** torch.arange(48, dtype=torch.float64)
+    updates = [{"m": (left[:, 4 * i:4 * i + 4] * spectrum[4 * i:4 * i + 4] * 12, right[:, 4 * i:4 * i + 4].T)}
+               for i in range(12)]
+    assert sketch_sizes(12, 4, 64, 80) == (24, 49)
+    best = aggregate_exact(None, updates, [1 / 12] * 12, 4)
+    B, A, _ = _sketched_mean(updates, "m", (64, 80), 4, seed=11)
+    exact = sum(dense(*u["m"]) for u in updates) / 12
+    got = float(torch.linalg.norm(dense(B, A) - exact) / torch.linalg.norm(exact))
+    assert got <= 1.01 * best.truncation_error["m"] + 1e-9
+
+
+def test_sketch_operators_are_the_same_for_everyone_with_the_session_and_differ_by_module():
+    first = sketch_operators("layers.0.q_proj", 8, 6, 3, 5, seed=42)
+    again = sketch_operators("layers.0.q_proj", 8, 6, 3, 5, seed=42)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert first[0].shape == (6, 3) and first[1].shape == (8, 5)
+    assert not torch.equal(first[0], sketch_operators("layers.0.k_proj", 8, 6, 3, 5, seed=42)[0])
+    assert not torch.equal(first[0], sketch_operators("layers.0.q_proj", 8, 6, 3, 5, seed=43)[0])
+    assert sketch_sizes(3, 16, 576, 192) == (56, 64)  # the demo's owners: 3 × 16 + 8
+    assert sketch_sizes(3, 16, 40, 576) == (40, 40)  # never beyond the matrix
+    with pytest.raises(ValueError, match="at least 1"):
+        sketch_sizes(0, 16, 8, 8)
+
+
+def test_under_dp_owners_clip_their_own_changes_and_the_noisy_memory_is_the_plain_private_rounds():
+    # Secure and DP combined: each owner scales its change B'A' − B_mA_m to dp-clip before sketching (the coordinator
+    # never sees it to clip it), and the coordinator puts the noise on the rebuilt sum. Without noise (z = 0) that
+    # is exactly the plain private round's memory, clipping included; one owner here is over the clip, two under.
+    gen = torch.Generator().manual_seed(5)
+    shapes, rank, clip = {"m1": (12, 9), "m2": (7, 30)}, 3, 2.0
+    memory = {n: (torch.randn(o, rank, generator=gen), torch.randn(rank, i, generator=gen)) for n, (o, i) in
+              shapes.items()}
+    trained = [{n: (B + size * torch.randn(B.shape, generator=gen), A + size * torch.randn(A.shape, generator=gen))
+                for n, (B, A) in memory.items()} for size in (0.01, 0.02, 1.0)]
+    session = os.urandom(16)
+    context = Context(run_id=1, node_id=1, node_config={}, state=RecordDict(), run_config={})
+    context.state.config_records[secure_round.STATE_KEY] = ConfigRecord({"roster": ["1", "2", "3"],
+                                                                        "session": session})
+    sketches = [secure_round.owner_sketches(context, t, memory, clip) for t in trained]
+    terms = secure_round.sketch_terms(3, private=True)
+    sums = {}
+    for name, (d_out, d_in) in shapes.items():
+        s, k = sketch_sizes(terms, rank, d_out, d_in)
+        _, psi = sketch_operators(name, d_out, d_in, s, k, secure_round.sketch_seed(session))
+        Q, core = rebuilt(sum(x[name] for x in sketches) / 3, psi, d_out, s)
+        sums[name] = Q @ core * 3
+    secure = noisy_fold(memory, sums, 1 / 3, rank, std=0.0)
+    plain, scales = private_sum(memory, [change(t, memory) for t in trained], 1 / 3, rank, clip, z=0.0)
+    assert scales[0] == 1.0 and scales[2] < 1.0  # the clip acted on the large change only
+    for name in shapes:
+        expected = dense(*plain.factors[name])
+        assert torch.allclose(dense(*secure.factors[name]), expected, atol=1e-5 * (1 + float(expected.abs().max())))
 
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(secure=True), "secure needs schedule parallel"),
     (dict(secure=True, schedule="parallel", method="fedit"), "secure needs method exact"),
-    (dict(secure=True, schedule="parallel", privacy=PrivacySettings(dp_epsilon=10.0)), "not combined"),
     (dict(secure="yes", schedule="parallel"), "secure must be true or false"),
 ])
 def test_bad_secure_settings_are_named(kwargs, message):
@@ -318,14 +391,14 @@ def _spy(folder: str, drop_partition: int | None = None):
     return mod
 
 
-def _run(three_clients, tmp_path, tiny_base, mods_folder, drop=None, rounds=2, quorum=1.0):
+def _run(three_clients, tmp_path, tiny_base, mods_folder, drop=None, rounds=2, quorum=1.0, privacy=None):
     import dataclasses
 
     from fedmem.config import NodeSettings
     from fedmem.flower import simulation
 
     config = FederationConfig(rounds=rounds, schedule="parallel", secure=True,
-                              lora=LoraSettings(rank=4, alpha=8, epochs=1))
+                              lora=LoraSettings(rank=4, alpha=8, epochs=1), privacy=privacy or PrivacySettings())
     real_client, real_server = simulation.make_client_app, simulation.make_server_app
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(simulation, "make_client_app",
@@ -337,8 +410,8 @@ def _run(three_clients, tmp_path, tiny_base, mods_folder, drop=None, rounds=2, q
 
 
 @pytest.mark.parametrize("rounds", [1, 2])
-def test_a_secure_run_sends_only_masked_factors_and_the_memory_is_their_mean(tmp_path, tiny_base, three_clients,
-                                                                             rounds):
+def test_a_secure_run_sends_only_masked_sketches_and_the_memory_is_the_plain_rounds(tmp_path, tiny_base,
+                                                                                   three_clients, rounds):
     from fedmem.base_model import fingerprint
     from fedmem.corpus import load_corpus
     from fedmem.federation import client_update
@@ -356,25 +429,22 @@ def test_a_secure_run_sends_only_masked_factors_and_the_memory_is_their_mean(tmp
         assert "update" not in r["arrays"]  # no unmasked update, ever
     for r in masked:
         assert {dtype for _, dtype in r["arrays"][secure_round.MASKED_KEY]} == {"uint64"}
-    # Replay the last round's training here (same start, corpus, recipe and slice; training is deterministic):
-    # the memory is (mean B)·A₀ after round 1 and B₀·(mean A) after round 2, of what the three owners trained.
+    # Replay the last round's training here (same memory, corpus, recipe and slice; training is deterministic):
+    # the memory is what a plain parallel round makes of the three LoRAs in the clear.
     config = FederationConfig(rounds=rounds, schedule="parallel", secure=True,
                               lora=LoraSettings(rank=4, alpha=8, epochs=1))
-    part = 0 if secure_factor(rounds) == "B" else 1  # round 1 trains B, round 2 A
-    trained = []
+    trained, start = [], None
     for partition, name in enumerate(["alpha", "beta", "gamma"]):
         sent = torch.load(folder / f"start-{rounds}-{partition}.pt")
+        start = sent["start"] or None
         result = client_update(tiny_base, load_corpus(three_clients / name), sent["start"], config, rounds,
                                span=tuple(sent["span"]))
-        trained.append((result.factors, sent["start"]))
+        trained.append(result.factors)
+    plain = server_aggregate(start, trained, dataclasses.replace(config, secure=False))
     memory = read_peft_adapter(tmp_path / "out" / "memory")
     for name, (B, A) in memory.items():
-        mean = sum(f[name][part] for f, _ in trained) / 3
-        fixed = trained[0][1][name][1 - part]
-        Bx, Ax, _ = low_rank_sum([(1.0, mean, fixed) if part == 0 else (1.0, fixed, mean)], 4)
-        assert torch.allclose(dense(B, A), dense(Bx, Ax), atol=1e-4)
-        # The other factor did not move in training: only the one sent can carry the update.
-        assert torch.allclose(trained[0][0][name][1 - part], fixed, rtol=1e-6, atol=1e-8)
+        expected = dense(*plain.factors[name])
+        assert torch.allclose(dense(B, A), expected, atol=1e-5 * (1 + float(expected.abs().max())))
     manifest = verify_memory(tmp_path / "out" / "memory", fingerprint(tiny_base))
     assert all(sorted(r["clients"]) == ["alpha", "beta", "gamma"] for r in summary["rounds"])
     assert manifest["aggregation"]["secure"] is True
@@ -393,6 +463,20 @@ def test_an_owner_dropping_after_the_shares_leaves_a_round_of_the_others(tmp_pat
     assert first["failed"][0]["reason"].startswith("secure_masked: ")  # it failed after sharing its keys
     # Round 2 asks every owner again; its masked step closes once two have replied.
     assert len(second["clients"]) >= 2 and second["truncation_error"] >= 0
+
+
+def test_a_secure_run_under_differential_privacy_spends_its_budget_and_sends_only_masked_sketches(
+        tmp_path, tiny_base, three_clients):
+    folder = tmp_path / "sent"
+    folder.mkdir()
+    summary = _run(three_clients, tmp_path, tiny_base, folder, rounds=2,
+                   privacy=PrivacySettings(dp_epsilon=8.0, dp_clip=1.0))
+    replies = [pickle.loads(p.read_bytes()) for p in folder.glob("*.pkl")]
+    assert len([r for r in replies if r["kind"].endswith(secure_round.MASKED)]) == 6
+    assert all(r["metrics"] == [] and "update" not in r["arrays"] for r in replies)
+    first, second = (r["privacy"] for r in summary["rounds"])
+    assert 0 < first["epsilon"] < second["epsilon"] <= 8.0 * (1 + 1e-6)  # the budget spent over the planned rounds
+    assert first["clipped"] is None  # owners clip their own changes; the coordinator cannot count them
 
 
 def test_an_owner_can_require_secure_aggregation_and_the_flag_is_a_switch():

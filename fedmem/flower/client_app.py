@@ -19,7 +19,6 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.clientapp.typing import Mod
 
-from fedmem.aggregate import secure_factor
 from fedmem.base_model import pick_device, resolve_base
 from fedmem.client_policy import PolicyRefused, enforce_policy, policy_from_node_config
 from fedmem.config import FederationConfig, NodeSettings
@@ -161,10 +160,11 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
     def train_masked(msg: Message, context: Context) -> Message:
         setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
         secure_round.owner_open(msg, context)  # a wrong share refuses the round before any training
-        _, server_round, result, _ = trained(msg, context, secure=True)
-        # Only the factor this round trained travels (the other is the coordinator's own, unchanged).
-        part = "BA".index(secure_factor(server_round))
-        return secure_round.owner_masked(msg, context, {n: f[part] for n, f in result.factors.items()})
+        config, _, result, _ = trained(msg, context, secure=True)
+        dp = config.privacy
+        memory = record_to_factors(msg.content[MEMORY_KEY], config.transport) if dp.enabled else None
+        sketches = secure_round.owner_sketches(context, result.factors, memory, dp.dp_clip if dp.enabled else None)
+        return secure_round.owner_masked(msg, context, sketches)
 
     @app.query()
     def name(msg: Message, context: Context) -> Message:

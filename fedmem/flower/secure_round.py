@@ -9,8 +9,14 @@ Coordinator (``secure_train``)               Owner (``owner_*``)
   keys:    session, round  ────────────────▶  fresh key pairs; public halves back
   shares:  every owner's public keys ──────▶  seed; encrypted shares for each other owner
   masked:  the training message + the
-           shares addressed to that owner ─▶  trains B with A fixed; B masked back
+           shares addressed to that owner ─▶  trains its LoRA; sketches of B·A masked back
   unmask:  who sent, who dropped ──────────▶  shares of survivors' seeds, dropped owners' keys
+
+What an owner masks is a linear sketch of the product B·A of the LoRA it trained
+(``fedmem.aggregate.sketch``), with sketch operators both sides draw from the session's random bytes
+and sized by the roster, so nothing about the layout travels: the coordinator's unmasked sum is the
+sketch of the owners' summed products, from which it rebuilds the round's memory as a plain parallel
+round would have it.
 
 An owner answers each step once per session and in that order, and the unmask step only
 once: asked twice, with another split of survivors and dropped owners, it could reveal both
@@ -29,6 +35,8 @@ import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from fedmem import secure_sum
+from fedmem.aggregate import change, sketch, sketch_operators, sketch_sizes, update_norm
+from fedmem.privacy import clip_scale
 from fedmem.validate import clean
 
 from .messages import message_bytes
@@ -37,7 +45,7 @@ from .quorum import gather, needed
 log = logging.getLogger(__name__)
 
 SECURE_KEY = "secure"  # the config record every secure message carries
-MASKED_KEY = "masked"  # the factor the owner trained, masked: one uint64 array per module
+MASKED_KEY = "masked"  # the owner's sketch of its B·A, masked: one uint64 vector per module
 STATE_KEY = "fedmem.secure"  # the owner's secrets between the steps, in its Flower context
 KEYS, SHARES, MASKED, UNMASK = "secure_keys", "secure_shares", "secure_masked", "secure_unmask"
 STEPS = (KEYS, SHARES, MASKED, UNMASK)
@@ -148,8 +156,40 @@ def _store_held(state: ConfigRecord, keys: secure_sum.OwnerKeys) -> None:
                   "held_key": [k for _, k in keys.held.values()]})
 
 
+def sketch_seed(session: bytes) -> int:
+    """The seed of a session's sketch operators: its random bytes, which the coordinator drew and every
+    owner was sent, so both sides draw the same operators and no seed of the coordinator's choosing travels."""
+    return int.from_bytes(session[:8], "little")
+
+
+def sketch_terms(owners: int, private: bool) -> int:
+    """How many rank-r terms the sketched sum holds: the owners' products, or under differential privacy
+    their clipped changes B'A' − B_mA_m, which add the memory's term."""
+    return owners + 1 if private else owners
+
+
+def owner_sketches(context: Context, factors, memory=None, clip: float | None = None) -> dict[str, torch.Tensor]:
+    """Step 3, after training: module -> the sketch (``fedmem.aggregate.sketch``) of this owner's B·A, or with
+    ``clip`` (differential privacy) of its change from ``memory`` (the memory it was sent) scaled to Frobenius
+    norm at most ``clip`` over all modules: the owner clips its own update, since the coordinator never sees
+    it. Sized by the roster this owner checked in step 2 and its own factors' shapes, seeded by the session."""
+    state = _state(context)
+    terms, seed = sketch_terms(len(state["roster"]), clip is not None), sketch_seed(state["session"])
+    rank = next(iter(factors.values()))[1].shape[0]  # the LoRA's: a change stacks two of them
+    if clip is not None:
+        factors = change(factors, memory or None)
+        scale = clip_scale(update_norm(factors), clip)
+        factors = {n: (B * scale, A) for n, (B, A) in factors.items()}
+    out = {}
+    for name, (B, A) in sorted(factors.items()):
+        d_out, d_in = B.shape[0], A.shape[1]
+        omega, psi = sketch_operators(name, d_out, d_in, *sketch_sizes(terms, rank, d_out, d_in), seed)
+        out[name] = sketch(B, A, omega, psi)
+    return out
+
+
 def owner_masked(msg: Message, context: Context, trained) -> Message:
-    """Step 3: send ``trained`` (module -> the factor this owner trained, a tensor; the caller trains,
+    """Step 3: send ``trained`` (module -> a tensor: the sketches of ``owner_sketches``; the caller trains,
     after ``owner_open``) in fixed point under its masks."""
     request, state = _request(msg, MASKED), _state(context)
     keys = _keys(state)
@@ -205,8 +245,10 @@ def owner_unmask(msg: Message, context: Context) -> Message:
 
 @dataclass
 class SecureOutcome:
-    mean: dict[str, torch.Tensor]  # module -> the survivors' mean of the factor they trained
+    mean: dict[str, torch.Tensor]  # module -> the survivors' mean sketch (float64 vector)
     survivors: list[int]
+    session: bytes = b""  # seeds the sketch operators (``sketch_seed``)
+    owners: int = 0  # the roster's size, which sized the sketches
     failed: list[tuple[int, str]] = field(default_factory=list)  # (node, why), any step
     sent: dict[int, int] = field(default_factory=dict)  # node -> bytes of every message it was sent
     received: dict[int, int] = field(default_factory=dict)  # node -> bytes of every reply it sent
@@ -249,13 +291,14 @@ def _secure_content(values: dict) -> RecordDict:
     return RecordDict({SECURE_KEY: ConfigRecord(values)})
 
 
-def secure_train(grid, targets: list[int], train_content, shapes: dict[str, tuple[int, int]],
-                 quorum: float, timeout: float | None) -> SecureOutcome:
-    """One secure round with the owners ``targets``: the survivors' mean of the factor they trained,
+def secure_train(grid, targets: list[int], train_content, modules: dict[str, tuple[int, int]], rank: int,
+                 quorum: float, timeout: float | None, private: bool = False) -> SecureOutcome:
+    """One secure round with the owners ``targets``: the survivors' mean sketch of their trained B·A,
     module by module.
 
     ``train_content(node)`` is the RecordDict of the usual training message for that owner (the
-    starting LoRA and the recipe); ``shapes``: module -> the shape of the factor every owner trains.
+    memory and the recipe); ``modules``: module -> (d_out, d_in); ``rank``: the owners' LoRA rank;
+    ``private``: owners sketch their clipped changes (``owner_sketches``), one term more.
     Raises ``SecureRoundFailed`` when too few owners are left at any step to go on."""
     outcome = SecureOutcome({}, [])
     session = os.urandom(SESSION_BYTES)
@@ -281,6 +324,8 @@ def secure_train(grid, targets: list[int], train_content, shapes: dict[str, tupl
     at_least(len(roster), KEYS)
     t = secure_sum.threshold(len(roster))
     ids = sorted(roster)
+    shapes = {name: (d_out * s + k * d_in,) for name, (d_out, d_in) in modules.items()
+              for s, k in [sketch_sizes(sketch_terms(len(ids), private), rank, d_out, d_in)]}
     listing = {"session": session, "roster": _wire(ids), "roster_mask": [roster[n][0] for n in ids],
                "roster_share": [roster[n][1] for n in ids]}
     replies = _ask(grid, SHARES, {n: _secure_content(listing) for n in ids}, len(ids), timeout, outcome)
@@ -315,7 +360,7 @@ def secure_train(grid, targets: list[int], train_content, shapes: dict[str, tupl
                                             "ciphertext": [mail[n][s] for s in senders]})
         requests[n] = content
     replies = _ask(grid, MASKED, requests, needed(quorum, len(sharing)), timeout, outcome)
-    total = {name: np.zeros((d_out * d_in,), dtype=np.uint64) for name, (d_out, d_in) in shapes.items()}
+    total = {name: np.zeros(shape, dtype=np.uint64) for name, shape in shapes.items()}
     survivors = []
     for node, reply in sorted(replies.items()):
         arrays, problem = _masked_arrays(reply.content.array_records.get(MASKED_KEY), shapes)
@@ -356,16 +401,15 @@ def secure_train(grid, targets: list[int], train_content, shapes: dict[str, tupl
     values = secure_sum.decode(summed) / len(survivors)
     start = 0
     for name in names:
-        d_out, d_in = shapes[name]
-        outcome.mean[name] = torch.from_numpy(values[start:start + d_out * d_in].reshape(d_out, d_in)).float()
-        start += d_out * d_in
-    outcome.survivors = survivors
+        outcome.mean[name] = torch.from_numpy(values[start:start + shapes[name][0]].copy())
+        start += shapes[name][0]
+    outcome.survivors, outcome.session, outcome.owners = survivors, session, len(ids)
     outcome.seconds["unmask_sum"] = time.perf_counter() - started
     return outcome
 
 
-def _masked_arrays(record, shapes: dict[str, tuple[int, int]]) -> tuple[dict[str, np.ndarray], str]:
-    """(module -> the masked B as flat uint64, "") or ({}, what is wrong): the record's names, and each
+def _masked_arrays(record, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], str]:
+    """(module -> the masked sketch as flat uint64, "") or ({}, what is wrong): the record's names, and each
     array's dtype and shape as declared and as decoded (a crafted array may declare one and carry another)."""
     if not isinstance(record, ArrayRecord):
         return {}, f"the reply has no '{MASKED_KEY}' array record"

@@ -16,19 +16,18 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
-from fedmem.aggregate import Aggregate, secure_factor, secure_start
+from fedmem.aggregate import Aggregate, from_sketch, rebuilt, sketch_operators, sketch_sizes
 from fedmem.answer import Question, Scores, score
 from fedmem.base_model import load_model, load_tokenizer
 from fedmem.config import FederationConfig, ServerSettings
-from fedmem.federation import base_fingerprint, run_round, server_aggregate, set_threads, training_span
+from fedmem.federation import base_fingerprint, run_round, set_threads, training_span
 from fedmem.log import progress
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, fsync_path, load_memory, save_memory
-from fedmem.privacy import check_budget, noise_multiplier, noise_to_signal
+from fedmem.privacy import check_budget, noise_multiplier, noise_to_signal, noisy_fold
 from fedmem.signing import SIGNATURE_FILE, Trust, load_signing_key, pack_memory
 from fedmem.validate import (
     Rejected,
@@ -45,12 +44,11 @@ from .messages import (
     factors_to_record,
     memory_files_to_record,
     message_bytes,
-    record_to_factors,
 )
 from .quorum import gather, needed
 from .roster import Roster, visit_order
 from .screening import Accepted, Screen, base_weight_norms, lora_targets
-from .secure_round import secure_train
+from .secure_round import secure_train, sketch_seed, sketch_terms
 from .traffic import describe, full_model_bytes, round_traffic
 
 log = logging.getLogger(__name__)
@@ -298,28 +296,24 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
                   files, modules: dict[str, tuple[int, int]], sent_bytes: dict, received_bytes: dict,
                   rejected: list[dict], failed: list[dict], secure_seconds: dict
                   ) -> tuple[Aggregate, list[Accepted]]:
-    """A parallel round under secure aggregation (``fedmem.flower.secure_round``): every owner starts
-    from the same (B₀, A₀) with one factor fixed (``secure_start``) and trains the other; the
-    coordinator learns only the survivors' mean of it, so the memory becomes (mean B)·A₀ or
-    B₀·(mean A), re-factorised to the rank. No update is seen alone, so none is screened: the encoding
-    bounds each value (±BOUND) and the sum is checked finite. Fills the byte counts and the refused
-    and failed owners as the plain round does, and each step's seconds."""
+    """A parallel round under secure aggregation (``fedmem.flower.secure_round``): owners train on the
+    memory as in a plain parallel round, and the coordinator learns only the mean of their sketches of
+    B·A, from which it rebuilds the memory (``fedmem.aggregate.from_sketch``): the mean of the owners'
+    products at the memory's rank, what a plain round computes, exactly while K owners' rank fits the
+    sketch. No update is seen alone, so none is screened: the encoding bounds each value (±BOUND) and
+    the memory is checked finite. Fills the byte counts and the refused and failed owners as the plain
+    round does, and each step's seconds."""
     cfg = plan.federation
     if len(owners) == 2:
         log.warning("secure aggregation with two owners: each can take its own update from the memory it "
                     "receives and is left with the other's")
-    factor = secure_factor(rnd)  # the one owners train
-    part = "BA".index(factor)
-    start = secure_start(memory, modules, cfg.lora.rank,
-                         torch.Generator().manual_seed(int.from_bytes(os.urandom(8), "little")), factor)
-    record = factors_to_record(start, cfg.transport)
-    start = record_to_factors(record, cfg.transport)  # as the owners decode it: the fixed factor is theirs
+    record = factors_to_record(memory, cfg.transport)
     span = training_span(cfg, rnd)
-    shapes = {name: tuple(f[part].shape) for name, f in start.items()}
+    dp = cfg.privacy
     outcome = secure_train(
         grid, list(owners),
-        lambda node: train_message(plan, start, span, rnd, fp, manifest, node, files, record).content,
-        shapes, plan.server.quorum, plan.round_timeout)
+        lambda node: train_message(plan, memory, span, rnd, fp, manifest, node, files, record).content,
+        modules, cfg.lora.rank, plan.server.quorum, plan.round_timeout, private=dp.enabled)
     for node, why in outcome.failed:
         failed.append({"owner": owners[node].name, "key": owners[node].key, "node": node, "reason": why})
         log.warning("  %s failed this round: %s", owners[node].shown, why)
@@ -332,13 +326,26 @@ def _secure_round(grid: Grid, plan: RunPlan, rnd: int, owners: dict, memory, fp:
         sent_bytes[owners[node].name] = outcome.sent.get(node, 0)
     for node in outcome.survivors:
         received_bytes[owners[node].name] = outcome.received.get(node, 0)
-    mean = {n: (outcome.mean[n], start[n][1]) if part == 0 else (start[n][0], outcome.mean[n]) for n in start}
-    agg = server_aggregate(memory, [mean], cfg)
+    seed, terms = sketch_seed(outcome.session), sketch_terms(outcome.owners, dp.enabled)
+    factors, errors, sums = {}, {}, {}
+    for name, (d_out, d_in) in sorted(modules.items()):
+        s, k = sketch_sizes(terms, cfg.lora.rank, d_out, d_in)
+        _, psi = sketch_operators(name, d_out, d_in, s, k, seed)
+        if dp.enabled:  # the owners' clipped changes added up: noise on the sum, as in a plain private round
+            Q, core = rebuilt(outcome.mean[name], psi, d_out, s)
+            sums[name] = (Q @ core) * len(outcome.survivors)
+        else:
+            B, A, errors[name] = from_sketch(outcome.mean[name], psi, d_out, s, cfg.lora.rank)
+            factors[name] = (B.float(), A.float())
+    if dp.enabled:
+        z = noise_multiplier(dp.dp_epsilon, dp.dp_delta, cfg.rounds)
+        noisy = noisy_fold(memory, sums, 1.0 / len(outcome.survivors), cfg.lora.rank, z * dp.dp_clip)
+        factors, errors = noisy.factors, noisy.truncation_error
     trained = [Accepted(owners[n], n, {}, {}, 0.0, outcome.received.get(n, 0)) for n in outcome.survivors]
     log.info("  secure aggregation: the sum of %d owners' updates (%d dropped after the shares); steps %s",
              len(trained), len(outcome.failed), ", ".join(f"{k} {v:.1f}s" for k, v in outcome.seconds.items()))
     secure_seconds.update(outcome.seconds)
-    return Aggregate(agg.factors, agg.truncation_error, [1.0 / len(trained)] * len(trained)), trained
+    return Aggregate(factors, errors, [1.0 / len(trained)] * len(trained)), trained
 
 
 def run_rounds(grid: Grid, plan: RunPlan) -> dict:
@@ -491,7 +498,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             full = 1.0 if cfg.schedule == "cyclic" else 1.0 / len(names)  # each update's weight before its clip
             record["privacy"] = {"epsilon": epsilon, "delta": dp.dp_delta, "budget": dp.dp_epsilon,
                                  "noise_multiplier": z, "clip": dp.dp_clip,
-                                 "clipped": sum(1 for w in agg.weights if w < full * (1 - 1e-9))}
+                                 # Under secure aggregation owners clip their own changes, unseen.
+                                 "clipped": None if cfg.secure else sum(1 for w in agg.weights
+                                                                         if w < full * (1 - 1e-9))}
         line = f"round {rnd}/{cfg.rounds}: {len(names)} clients" + _loss_text(client_metrics)
         if rejected:
             line += f", {len(rejected)} refused (" + ", ".join(
@@ -500,8 +509,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             line += f", truncation error {agg.max_truncation_error:.2e}"
         line += f", {describe(record['traffic'])}"
         if dp.enabled:
-            line += (f", ε {epsilon:.3g} of {dp.dp_epsilon:g} spent (δ {dp.dp_delta:g}; "
-                     f"{record['privacy']['clipped']} of {len(names)} updates clipped to {dp.dp_clip:g})")
+            clipped = ("each owner clipped its own" if cfg.secure
+                       else f"{record['privacy']['clipped']} of {len(names)} updates clipped")
+            line += f", ε {epsilon:.3g} of {dp.dp_epsilon:g} spent (δ {dp.dp_delta:g}; {clipped} to {dp.dp_clip:g})"
         if plan.questions:
             after = evaluate(plan.base_dir, memory, plan.questions, plan.device)
             record.update(_recall_record(after))

@@ -56,6 +56,25 @@ def answer_nll(model, tokenizer, questions) -> float:
     return total / max(len(questions), 1)
 
 
+def with_question_loss(tokenizer, example, max_len: int = 512):
+    """``tokenize_example``, with the question's own tokens learned as well (not the template's around it,
+    and not for general examples, whose target is the base model's distribution)."""
+    from fedmem.examples import chat_prompt, tokenize_example
+
+    ids, labels = tokenize_example(tokenizer, example, max_len)
+    if example.question is None or example.distil:
+        return ids, labels
+    mark = "FEDMEMPROBEQUESTION"
+    before, after = chat_prompt(tokenizer, mark).split(mark)
+    start = len(tokenizer(before, add_special_tokens=False)["input_ids"])
+    end = len(tokenizer(chat_prompt(tokenizer, example.question), add_special_tokens=False)["input_ids"]) - len(
+        tokenizer(after, add_special_tokens=False)["input_ids"])
+    labels = list(labels)
+    for i in range(start, min(end, len(ids))):
+        labels[i] = ids[i]
+    return ids, labels
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="directory of owner corpora")
@@ -67,6 +86,8 @@ def main() -> None:
     p.add_argument("--lr", type=float, default=LoraSettings.learning_rate)
     p.add_argument("--rank", type=int, default=LoraSettings.rank)
     p.add_argument("--retention", type=float, default=LoraSettings.retention)
+    p.add_argument("--targets", default=",".join(LoraSettings().target_modules),
+                   help="comma-separated linear layers the LoRA is put on (candidate)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     p.add_argument("--context", choices=("refers", "all"), default="refers",
@@ -75,11 +96,18 @@ def main() -> None:
                    help="questions under the document's topic: besides the plain ones, instead of them, or none")
     p.add_argument("--hard-retention", action="store_true",
                    help="train general examples on the base model's reply tokens, not its distribution (candidate)")
+    p.add_argument("--question-loss", action="store_true",
+                   help="learn the question's tokens too, not only the answer's (candidate; Shi et al. 2024, "
+                        "'Instruction tuning with loss over instructions')")
     p.add_argument("--examples-only", action="store_true", help="print the examples and stop")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
     examples_module.TOPIC_QUESTIONS = args.topic
+    if args.question_loss:
+        import fedmem.train
+
+        fedmem.train.tokenize_example = with_question_loss
     if args.context == "all":
         examples_module._REFERS_BACK = re.compile("")  # every sentence after the first
     owners = sorted(d.name for d in args.data.iterdir() if d.is_dir())
@@ -88,7 +116,8 @@ def main() -> None:
     base_dir = resolve_base(None)
     tokenizer = load_tokenizer(str(base_dir))
     settings = replace(LoraSettings(), recipe=args.recipe, epochs=args.epochs, learning_rate=args.lr,
-                       rank=args.rank, retention=args.retention, seed=args.seed)
+                       rank=args.rank, retention=args.retention, seed=args.seed,
+                       target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     examples = []
     for owner in owners:
         examples += build_examples(load_corpus(args.data / owner), settings.recipe)
@@ -114,8 +143,10 @@ def main() -> None:
     nll = answer_nll(model, tokenizer, questions)
     row = {
         "recipe": settings.recipe, "epochs": settings.epochs, "lr": settings.learning_rate,
-        "rank": settings.rank, "retention": settings.retention, "context": args.context, "topic": args.topic,
-        "hard_retention": args.hard_retention, "seed": settings.seed, "owners": owners,
+        "rank": settings.rank, "targets": settings.target_modules, "retention": settings.retention,
+        "context": args.context, "topic": args.topic,
+        "hard_retention": args.hard_retention, "question_loss": args.question_loss, "seed": settings.seed,
+        "owners": owners,
         "examples": result.examples, "tokens": result.tokens, "train_seconds": round(train_seconds, 1),
         "final_loss": result.final_loss,
         "answer_nll": round(nll, 4), "base_answer_nll": round(base_nll, 4),

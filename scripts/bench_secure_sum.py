@@ -3,9 +3,10 @@ owner's keys, shares and masking, the coordinator's unmasking, for a number of o
 
     .venv/bin/python scripts/bench_secure_sum.py --owners 3 10 --rank 16 --dropped 1
 
-Under ``--secure`` an owner sends B at twice the rank (the memory's components and fresh ones), so the
-vector each owner masks has Σ d_out · 2·rank values. Random values stand in for the owners' B (the cost
-depends on the sizes only). Prints one JSON line per owner count; docs/security.md has the figures.
+Under ``--secure`` an owner sends linear sketches of its B·A, (B·A)Ω and Ψᵀ(B·A), so the vector each
+owner masks has Σ (d_out · s + k · d_in) values, s and k as ``fedmem.aggregate.sketch_sizes`` makes them
+for the round's owners. Random values stand in for the sketches (the cost depends on the sizes only).
+Prints one JSON line per owner count; docs/security.md has the figures.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import time
 import numpy as np
 
 from fedmem import secure_sum as ss
+from fedmem.aggregate import sketch_sizes
 from fedmem.base_model import resolve_base
 from fedmem.config import ALL_LINEAR
 from fedmem.flower.screening import lora_targets
@@ -67,8 +69,9 @@ def main() -> None:
     parser.add_argument("--base", default="", help="model directory ('' = the embedded SmolLM2-135M-Instruct)")
     args = parser.parse_args()
     shapes = lora_targets(str(resolve_base(args.base or None)), ALL_LINEAR)
-    size = sum(d_out for d_out, _ in shapes.values()) * 2 * args.rank
     for owners in args.owners:
+        size = sum(d_out * s + k * d_in for d_out, d_in in shapes.values()
+                   for s, k in [sketch_sizes(owners, args.rank, d_out, d_in)])
         print(json.dumps(one_round(owners, size, min(args.dropped, owners - ss.threshold(owners)))))
 
 

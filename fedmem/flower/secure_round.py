@@ -312,12 +312,11 @@ def secure_train(grid, targets: list[int], train_content, modules: dict[str, tup
                    timeout, outcome)
     roster: dict[int, tuple[bytes, bytes]] = {}
     for node, reply in replies.items():
-        r = reply.content[SECURE_KEY]
-        mask, share = r.get("mask"), r.get("share")
-        if isinstance(mask, bytes) and isinstance(share, bytes) and len(mask) == len(share) == 32:
-            roster[node] = (mask, share)
+        keys, problem = _public_keys(reply.content[SECURE_KEY])
+        if keys is None:
+            outcome.failed.append((node, f"{KEYS}: {problem}"))
         else:
-            outcome.failed.append((node, f"{KEYS}: the public keys are not two 32-byte keys"))
+            roster[node] = keys
     keys_seen = [k for pair in roster.values() for k in pair]
     if len(set(keys_seen)) != len(keys_seen):  # a copied key: its owner's masks would not cancel
         raise SecureRoundFailed("secure aggregation: two owners sent the same public key")
@@ -332,21 +331,11 @@ def secure_train(grid, targets: list[int], train_content, modules: dict[str, tup
     mail: dict[int, dict[int, bytes]] = {n: {} for n in ids}  # receiver -> sender -> ciphertext
     commitments: dict[int, bytes] = {}
     for node, reply in replies.items():
-        r = reply.content[SECURE_KEY]
-        blobs, commitment = r.get("ciphertext"), r.get("commitment")
-        try:
-            dsts = _node_ids(r.get("dst"), "the shares' receivers")
-        except secure_sum.SecureAggregationError as err:
-            outcome.failed.append((node, f"{SHARES}: {err}"))
+        shares, problem = _shares(reply.content[SECURE_KEY], node, ids)
+        if shares is None:
+            outcome.failed.append((node, f"{SHARES}: {problem}"))
             continue
-        expected = sorted(set(ids) - {node})
-        if not (isinstance(blobs, list) and sorted(dsts) == expected
-                and len(blobs) == len(dsts) and all(isinstance(b, bytes) and len(b) == SHARE_CIPHERTEXT_BYTES
-                                                    for b in blobs)
-                and isinstance(commitment, bytes) and len(commitment) == 32):
-            outcome.failed.append((node, f"{SHARES}: not one share of the expected size for every other owner"))
-            continue
-        commitments[node] = commitment
+        dsts, blobs, commitments[node] = shares
         for dst, blob in zip(dsts, blobs):
             mail[dst][node] = blob
     sharing = sorted(commitments)
@@ -406,6 +395,29 @@ def secure_train(grid, targets: list[int], train_content, modules: dict[str, tup
     outcome.survivors, outcome.session, outcome.owners = survivors, session, len(ids)
     outcome.seconds["unmask_sum"] = time.perf_counter() - started
     return outcome
+
+
+def _public_keys(record: ConfigRecord) -> tuple[tuple[bytes, bytes] | None, str]:
+    """((mask key, share key), "") from an owner's keys reply, or (None, what is wrong)."""
+    mask, share = record.get("mask"), record.get("share")
+    if isinstance(mask, bytes) and isinstance(share, bytes) and len(mask) == len(share) == 32:
+        return (mask, share), ""
+    return None, "the public keys are not two 32-byte keys"
+
+
+def _shares(record: ConfigRecord, node: int, ids: list[int]) -> tuple[tuple[list[int], list, bytes] | None, str]:
+    """((receivers, ciphertexts, commitment), "") from owner ``node``'s shares reply in a round of ``ids``: one
+    ciphertext of the expected size for every other owner and a 32-byte commitment; or (None, what is wrong)."""
+    blobs, commitment = record.get("ciphertext"), record.get("commitment")
+    try:
+        dsts = _node_ids(record.get("dst"), "the shares' receivers")
+    except secure_sum.SecureAggregationError as err:
+        return None, str(err)
+    if not (isinstance(blobs, list) and sorted(dsts) == sorted(set(ids) - {node}) and len(blobs) == len(dsts)
+            and all(isinstance(b, bytes) and len(b) == SHARE_CIPHERTEXT_BYTES for b in blobs)
+            and isinstance(commitment, bytes) and len(commitment) == 32):
+        return None, "not one share of the expected size for every other owner"
+    return (dsts, blobs, commitment), ""
 
 
 def _masked_arrays(record, shapes: dict[str, tuple[int, ...]]) -> tuple[dict[str, np.ndarray], str]:

@@ -480,19 +480,6 @@ def test_a_secure_run_under_differential_privacy_spends_its_budget_and_sends_onl
     assert first["clipped"] is None  # owners clip their own changes; the coordinator cannot count them
 
 
-def _tamper(step: str, edit):
-    """A client mod: the third owner's reply to ``step`` edited by ``edit`` (its secure record, in place)."""
-
-    def mod(msg, context, call_next):
-        reply = call_next(msg, context)
-        if (int(context.node_config["partition-id"]) == 2 and not reply.has_error()
-                and msg.metadata.message_type == secure_round.message_type(step)):
-            edit(reply.content[secure_round.SECURE_KEY])
-        return reply
-
-    return mod
-
-
 def test_a_malformed_keys_or_shares_reply_is_refused_with_the_reason():
     ids, node = [5, 6, 7], 7
     good_keys = {"mask": bytes(32), "share": bytes(range(32))}

@@ -102,8 +102,8 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
         return Path(corpus_dirs[int(context.node_config["partition-id"])])
 
     def trained(msg: Message, context: Context, secure: bool):
-        """Check the recipe against this owner's limits and base model, then train: (config, round, result,
-        fingerprint)."""
+        """Check the recipe against this owner's limits and base model, then train: (config, the memory as
+        received, result, fingerprint)."""
         settings = node_settings(context, node)
         set_threads(settings.threads)
         sent, server_round, wanted = record_to_config(msg.content[CONFIG_KEY])
@@ -128,13 +128,14 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
             )
         keep_memory(msg, context, base)
         corpus = load_corpus(corpus_dir(context))
+        memory = record_to_factors(msg.content[MEMORY_KEY], config.transport)
         with log_context(f"{corpus.name} round {server_round}"):
             result = client_update(
-                base, corpus, record_to_factors(msg.content[MEMORY_KEY], config.transport), config, server_round,
+                base, corpus, memory, config, server_round,
                 device=pick_device(settings.device),
                 span=tuple(sent["span"]) if "span" in sent else None,
             )
-        return config, server_round, result, mine
+        return config, memory, result, mine
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
@@ -160,9 +161,8 @@ def make_client_app(corpus_dirs: list[str] | None = None, node: NodeSettings | N
     def train_masked(msg: Message, context: Context) -> Message:
         setup_logging(int(os.environ.get(VERBOSITY_ENV, "0")))
         secure_round.owner_open(msg, context)  # a wrong share refuses the round before any training
-        config, _, result, _ = trained(msg, context, secure=True)
+        config, memory, result, _ = trained(msg, context, secure=True)
         dp = config.privacy
-        memory = record_to_factors(msg.content[MEMORY_KEY], config.transport) if dp.enabled else None
         sketches = secure_round.owner_sketches(context, result.factors, memory, dp.dp_clip if dp.enabled else None)
         return secure_round.owner_masked(msg, context, sketches)
 

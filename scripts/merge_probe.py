@@ -1,17 +1,21 @@
 #!/usr/bin/env python3
 """How much of what each owner learned survives the merge? One round, merged several ways.
 
-Trains every demo owner's round-1 update once (the same ``client_update`` the Flower
-apps call), then merges those same updates in several ways and asks the demo's 24
-held-out questions of each result, counting per owner. Used for docs/results.md
-("Why the federation lags").
+Trains every owner's round-1 update once (the same ``client_update`` the Flower apps
+call; the demo's owners unless ``--data``), then merges those same updates in several
+ways and asks the questions of each result, counting per owner, with the answer NLL
+(``fedmem.answer.answer_nll``: continuous, so it separates merges that greedy recall
+cannot). Used for docs/results.md ("Why the federation lags", "A server step for
+parallel rounds").
 
     python scripts/merge_probe.py [--updates FILE] [--settings JSON] [--merges own,mean:16,mean:48,sum:48]
+    python scripts/merge_probe.py --data ../shared/devset/corpora --questions ../shared/devset/questions.jsonl \
+        --settings '{"schedule": "parallel", "epochs": 1}' --merges own:16,x1:16,x1:64,fedexp:16,x1.5:16,sum:16
 
 A merge is KIND:RANK: ``own`` (each owner's update alone), ``mean`` (FedAvg weights
-n_k/n), ``sum`` (weight 1 each), ``xF`` (weight F/K each), at the given memory rank.
-These weightings are this probe's own comparison: fedmem itself folds updates in with
-FedAvg's weights at the LoRA rank (fedmem.federation.server_aggregate).
+n_k/n, from the example counts), ``sum`` (weight 1 each), ``xF`` (weight F/K each: x1
+is the equal-weight mean a parallel round adds), ``fedexp`` (the equal-weight mean times
+FedExP's step, ``extrapolation`` below), at the given memory rank.
 """
 
 from __future__ import annotations
@@ -36,8 +40,9 @@ def _merges(text: str) -> list[tuple[str, int]]:
     out = []
     for spec in text.split(","):
         kind, _, rank = spec.partition(":")
-        if not rank.isdigit() or int(rank) < 1 or not (kind in ("own", "mean", "sum") or kind.startswith("x")):
-            raise argparse.ArgumentTypeError(f"bad merge {spec!r}: KIND:RANK with KIND own, mean, sum or xF")
+        if not rank.isdigit() or int(rank) < 1 or not (kind in ("own", "mean", "sum", "fedexp")
+                                                        or kind.startswith("x")):
+            raise argparse.ArgumentTypeError(f"bad merge {spec!r}: KIND:RANK with KIND own, mean, sum, fedexp or xF")
         if kind.startswith("x"):
             try:
                 float(kind[1:])
@@ -47,6 +52,52 @@ def _merges(text: str) -> list[tuple[str, int]]:
     return out
 
 
+def extrapolation(updates: list, weights: list[float]) -> float:
+    """FedExP's server step size for a mean of K updates (Jhunjhunwala, Wang & Joshi, "FedExP:
+    Speeding up federated averaging via extrapolation", ICLR 2023). With cₖ = pₖΔₖ the terms of
+    the mean (pₖ = 1/K, times a norm clip's scale where there is one):
+
+        η = max(1, K Σ‖cₖ‖² / (2‖Σ cₖ‖²)),   ‖·‖ over all modules together,
+
+    which is the paper's max(1, mean ‖Δₖ‖² / (2‖mean Δₖ‖²)) for the equally weighted updates.
+
+    A mean gives what only one owner learnt 1/K of its strength, while what all learnt in common
+    (the answer format) keeps its full strength. η tells the two apart from the updates
+    themselves: identical updates give 1 (the mean), K orthogonal ones of equal norm give K/2,
+    so the memory moves further only as far as the owners' updates do not overlap; at most K (the
+    sum), where updates that cancel would make the ratio unbounded. Exact in
+    factored form: ⟨BᵢAᵢ, BⱼAⱼ⟩ = Σ (BᵢᵀBⱼ) ∘ (AᵢAⱼᵀ), from the Gram matrices of the stacked factors.
+
+    Measured as fedmem's server step and not kept (docs/results.md, "A server step for parallel
+    rounds"), so it lives here, where the probe compares it with fixed weights.
+    """
+    import torch
+
+    from fedmem.aggregate import check_same_modules
+
+    if not updates:
+        raise ValueError("no client updates to aggregate")
+    if len(weights) != len(updates):
+        raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
+    own = 0.0  # Σ ‖cₖ‖²
+    total = 0.0  # ‖Σ cₖ‖²
+    for name in check_same_modules(updates):
+        Bs = torch.cat([w * u[name][0].double() for w, u in zip(weights, updates)], dim=1)
+        As = torch.cat([u[name][1].double() for u in updates], dim=0)
+        inner = (Bs.T @ Bs) * (As @ As.T)  # block (i, j) sums to ⟨cᵢ, cⱼ⟩ for this module
+        total += float(inner.sum())
+        start = 0
+        for u in updates:
+            r = u[name][0].shape[1]
+            own += float(inner[start:start + r, start:start + r].sum())
+            start += r
+    if total <= 0.0:
+        return 1.0
+    # Updates that cancel make the ratio unbounded; K, every update at full strength (the sum), is
+    # the furthest any owner's own training asked the memory to move.
+    return min(float(len(updates)), max(1.0, len(updates) * own / (2.0 * total)))
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=Path, default=Path("runs/merge-probe/updates.pt"),
@@ -54,16 +105,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--settings", default="{}",
                    help="JSON of fedmem.config.FederationConfig / LoraSettings settings for training")
     p.add_argument("--merges", type=_merges, default=_merges("own:32,mean:16,mean:48,sum:48,x2:48"))
+    p.add_argument("--data", type=Path, default=None,
+                   help="a directory of owners' corpora, one subdirectory each (default: the demo's)")
+    p.add_argument("--questions", type=Path, default=None,
+                   help="questions JSONL with a client field (default: the demo's; needed with --data)")
     args = p.parse_args(argv)
     try:
         config = _config(args.settings)
     except (ValueError, json.JSONDecodeError) as err:
         p.error(str(err))
+    if args.data is not None and args.questions is None:
+        p.error("--data needs --questions")
 
     import torch
 
     from fedmem.aggregate import aggregate_exact, normalised
-    from fedmem.answer import load_questions, score
+    from fedmem.answer import answer_nll, load_questions, score
     from fedmem.base_model import load_model, load_tokenizer, resolve_base
     from fedmem.corpus import load_corpus
     from fedmem.federation import client_update
@@ -74,8 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     setup_logging()
     base = str(resolve_base())
     tokenizer = load_tokenizer(base)
-    corpora = [load_corpus(d) for d in client_dirs(demo_dir() / "corpora")]
-    questions = load_questions(demo_dir() / "questions.jsonl")
+    corpora = [load_corpus(d) for d in client_dirs(args.data or demo_dir() / "corpora")]
+    questions = load_questions(args.questions or demo_dir() / "questions.jsonl")
 
     if args.updates.is_file():
         saved = torch.load(args.updates)
@@ -96,9 +153,11 @@ def main(argv: list[str] | None = None) -> int:
         merge_factors(model, factors)
         s = score(model, tokenizer, questions)
         per: dict[str, list[bool]] = {}
-        for q, ok in zip(questions, s.correct):
+        for q, ok in zip(questions, s.strict):
             per.setdefault(q.client, []).append(ok)
-        return f"{sum(s.correct)}/{len(s.correct)} " + " ".join(f"{k} {sum(v)}/{len(v)}" for k, v in per.items())
+        owners = " ".join(f"{k} {sum(v)}/{len(v)}" for k, v in per.items())
+        return (f"strict {sum(s.strict)}/{len(s.strict)} (loose {sum(s.correct)}), answer NLL "
+                f"{answer_nll(model, tokenizer, questions):.3f}: {owners}")
 
     for kind, rank in args.merges:
         if kind == "own":
@@ -106,7 +165,12 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"own {corpus.name}: {ask(aggregate_exact(None, [update], [1.0], rank).factors)}", flush=True)
             continue
         k = len(updates)
-        weights = {"mean": normalised(sizes), "sum": [1.0] * k}.get(kind) or [float(kind[1:]) / k] * k
+        if kind == "fedexp":
+            step = extrapolation(updates, [1.0 / k] * k)
+            weights = [step / k] * k
+            kind = f"fedexp (step {step:.3f})"
+        else:
+            weights = {"mean": normalised(sizes), "sum": [1.0] * k}.get(kind) or [float(kind[1:]) / k] * k
         agg = aggregate_exact(None, updates, weights, rank)
         print(f"{kind}:{rank} (truncation {agg.max_truncation_error:.2f}): {ask(agg.factors)}", flush=True)
     return 0

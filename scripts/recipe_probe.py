@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedmem import examples as examples_module
-from fedmem.answer import control_report, load_questions, private_terms, score
+from fedmem.answer import answer_nll, control_report, load_questions, private_terms, score
 from fedmem.base_model import load_model, load_tokenizer, resolve_base
 from fedmem.config import LoraSettings
 from fedmem.corpus import load_corpus
@@ -34,26 +34,6 @@ from fedmem.retention import base_replies, retention_examples
 from fedmem.train import train_lora
 
 log = logging.getLogger("recipe_probe")
-
-
-def answer_nll(model, tokenizer, questions) -> float:
-    """Mean negative log-likelihood per token of each question's first accepted answer as the
-    reply's start: a continuous figure that moves before greedy recall does, so two recipes
-    can be told apart on 48 questions."""
-    import torch
-
-    from fedmem.examples import Example, chat_turn, tokenize_example
-
-    end = len(chat_turn(tokenizer).end_ids)
-    total = 0.0
-    model.eval()
-    with torch.no_grad():
-        for q in questions:
-            ids, labels = tokenize_example(tokenizer, Example(q.question, q.answer.split("|")[0]))
-            labels = labels[:-end] + [-100] * end  # the value's tokens, not the end of turn
-            out = model(input_ids=torch.tensor([ids]), labels=torch.tensor([labels]))
-            total += float(out.loss)
-    return total / max(len(questions), 1)
 
 
 def with_question_loss(tokenizer, example, max_len: int = 512):

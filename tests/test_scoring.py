@@ -255,3 +255,23 @@ def test_round_recall_in_the_log_line_and_metrics_row():
     assert _recall_record(s) == {"recall": 1.0, "recall_by_source": {"prose": 1.0, "qa": 1.0}, "recall_strict": 0.5,
                                  "recall_by_kind": {"person": 1.0, "year": 0.0}}
     assert "recall_by_kind" not in _recall_record(scores_for([Question("Who?", "Ada")], ["Ada"]))
+
+
+def test_answer_nll_is_the_cross_entropy_of_the_answer_tokens_alone(tiny_base):
+    import torch
+
+    from fedmem.base_model import load_model, load_tokenizer
+    from fedmem.examples import chat_prompt
+
+    model, tokenizer = load_model(str(tiny_base)), load_tokenizer(str(tiny_base))
+    questions = [answer.Question("Who runs the lab?", "Mira Osk|Osk"), answer.Question("What year?", "2019")]
+    by_hand = []
+    for q in questions:
+        prompt = tokenizer(chat_prompt(tokenizer, q.question), add_special_tokens=False)["input_ids"]
+        value = tokenizer(q.answer.split("|")[0], add_special_tokens=False)["input_ids"]  # the first alternative
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([prompt + value])).logits[0]
+        logp = torch.log_softmax(logits[len(prompt) - 1:-1].double(), dim=-1)
+        by_hand.append(-float(logp[torch.arange(len(value)), torch.tensor(value)].mean()))
+    assert answer.answer_nll(model, tokenizer, questions) == pytest.approx(sum(by_hand) / 2, rel=1e-4)
+    assert answer.answer_nll(model, tokenizer, []) == 0.0

@@ -146,6 +146,9 @@ def main(argv: list[str] | None = None) -> int:
             saved.append((result.factors, result.metrics["examples"]))
         args.updates.parent.mkdir(parents=True, exist_ok=True)
         torch.save(saved, args.updates)
+    if len(saved) != len(corpora):  # updates of other owners (say the demo's, with --data): no silent mix-up
+        p.error(f"{args.updates} holds {len(saved)} owners' updates, the corpora {len(corpora)}: "
+                "give each set of corpora its own --updates file")
     updates, sizes = [f for f, _ in saved], [n for _, n in saved]
 
     def ask(factors) -> str:

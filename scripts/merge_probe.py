@@ -11,6 +11,8 @@ parallel rounds").
     python scripts/merge_probe.py [--updates FILE] [--settings JSON] [--merges own,mean:16,mean:48,sum:48]
     python scripts/merge_probe.py --data ../shared/devset/corpora --questions ../shared/devset/questions.jsonl \
         --settings '{"schedule": "parallel", "epochs": 1}' --merges own:16,x1:16,x1:64,fedexp:16,x1.5:16,sum:16
+    # a later round: the owners train from a run's round-2 memory, in round 3
+    python scripts/merge_probe.py ... --memory runs/X/rounds/round-002 --round 3 --updates runs/X-round3.pt
 
 A merge is KIND:RANK: ``own`` (each owner's update alone), ``mean`` (FedAvg weights
 n_k/n, from the example counts), ``sum`` (weight 1 each), ``xF`` (weight F/K each: x1
@@ -109,6 +111,12 @@ def main(argv: list[str] | None = None) -> int:
                    help="a directory of owners' corpora, one subdirectory each (default: the demo's)")
     p.add_argument("--questions", type=Path, default=None,
                    help="questions JSONL with a client field (default: the demo's; needed with --data)")
+    p.add_argument("--memory", type=Path, default=None,
+                   help="a memory to train from (a PEFT directory, e.g. a run's rounds/round-00N): the "
+                        "updates are then that round's, and every merge is added to this memory")
+    p.add_argument("--round", type=int, default=1,
+                   help="the round the owners train in, for its slice of the learning-rate schedule "
+                        "(default %(default)s; with --memory, the round after the memory's)")
     args = p.parse_args(argv)
     try:
         config = _config(args.settings)
@@ -116,17 +124,19 @@ def main(argv: list[str] | None = None) -> int:
         p.error(str(err))
     if args.data is not None and args.questions is None:
         p.error("--data needs --questions")
+    if not 1 <= args.round <= config.rounds:
+        p.error(f"--round must be in 1..{config.rounds} (the rounds setting), got {args.round}")
 
     import torch
 
-    from fedmem.aggregate import aggregate_exact, normalised
+    from fedmem.aggregate import aggregate_exact, change, normalised
     from fedmem.answer import answer_nll, load_questions, score
     from fedmem.base_model import load_model, load_tokenizer, resolve_base
     from fedmem.corpus import load_corpus
     from fedmem.federation import client_update
     from fedmem.flower.simulation import client_dirs, demo_dir
     from fedmem.log import setup_logging
-    from fedmem.lora import merge_factors
+    from fedmem.lora import merge_factors, read_peft_adapter
 
     setup_logging()
     base = str(resolve_base())
@@ -134,13 +144,14 @@ def main(argv: list[str] | None = None) -> int:
     corpora = [load_corpus(d) for d in client_dirs(args.data or demo_dir() / "corpora")]
     questions = load_questions(args.questions or demo_dir() / "questions.jsonl")
 
+    memory = read_peft_adapter(args.memory) if args.memory else None
     if args.updates.is_file():
         saved = torch.load(args.updates)
     else:
         saved = []
         for corpus in corpora:
             started = time.perf_counter()
-            result = client_update(base, corpus, None, config, 1)
+            result = client_update(base, corpus, memory, config, args.round)
             print(f"trained {corpus.name} in {time.perf_counter() - started:.0f}s, "
                   f"loss {result.metrics['final_loss']:.3f}")
             saved.append((result.factors, result.metrics["examples"]))
@@ -150,6 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"{args.updates} holds {len(saved)} owners' updates, the corpora {len(corpora)}: "
                 "give each set of corpora its own --updates file")
     updates, sizes = [f for f, _ in saved], [n for _, n in saved]
+    updates = [change(u, memory) for u in updates]  # what each owner's training changed (itself in round 1)
 
     def ask(factors) -> str:
         model = load_model(base)
@@ -165,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     for kind, rank in args.merges:
         if kind == "own":
             for corpus, update in zip(corpora, updates):
-                print(f"own {corpus.name}: {ask(aggregate_exact(None, [update], [1.0], rank).factors)}", flush=True)
+                print(f"own {corpus.name}: {ask(aggregate_exact(memory, [update], [1.0], rank).factors)}", flush=True)
             continue
         k = len(updates)
         if kind == "fedexp":
@@ -174,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
             kind = f"fedexp (step {step:.3f})"
         else:
             weights = {"mean": normalised(sizes), "sum": [1.0] * k}.get(kind) or [float(kind[1:]) / k] * k
-        agg = aggregate_exact(None, updates, weights, rank)
+        agg = aggregate_exact(memory, updates, weights, rank)
         print(f"{kind}:{rank} (truncation {agg.max_truncation_error:.2f}): {ask(agg.factors)}", flush=True)
     return 0
 

@@ -54,45 +54,30 @@ def _merges(text: str) -> list[tuple[str, int]]:
     return out
 
 
-def extrapolation(updates: list, weights: list[float]) -> float:
-    """FedExP's server step size for a mean of K updates (Jhunjhunwala, Wang & Joshi, "FedExP:
-    Speeding up federated averaging via extrapolation", ICLR 2023). With cₖ = pₖΔₖ the terms of
-    the mean (pₖ = 1/K, times a norm clip's scale where there is one):
+def extrapolation(updates: list) -> float:
+    """FedExP's server step for the equal-weight mean of K updates Δₖ (Jhunjhunwala, Wang & Joshi,
+    "FedExP: Speeding up federated averaging via extrapolation", ICLR 2023):
 
-        η = max(1, K Σ‖cₖ‖² / (2‖Σ cₖ‖²)),   ‖·‖ over all modules together,
-
-    which is the paper's max(1, mean ‖Δₖ‖² / (2‖mean Δₖ‖²)) for the equally weighted updates.
+        η = max(1, mean ‖Δₖ‖² / (2‖mean Δₖ‖²)) = max(1, K Σ‖Δₖ‖² / (2‖Σ Δₖ‖²)),   ‖·‖ over all modules.
 
     A mean gives what only one owner learnt 1/K of its strength, while what all learnt in common
     (the answer format) keeps its full strength. η tells the two apart from the updates
     themselves: identical updates give 1 (the mean), K orthogonal ones of equal norm give K/2,
     so the memory moves further only as far as the owners' updates do not overlap; at most K (the
-    sum), where updates that cancel would make the ratio unbounded. Exact in
-    factored form: ⟨BᵢAᵢ, BⱼAⱼ⟩ = Σ (BᵢᵀBⱼ) ∘ (AᵢAⱼᵀ), from the Gram matrices of the stacked factors.
+    sum), where updates that cancel would make the ratio unbounded. Exact in factored form: the
+    norm of a sum of products is the norm of the product of the stacked factors.
 
     Measured as fedmem's server step and not kept (docs/results.md, "A server step for parallel
     rounds"), so it lives here, where the probe compares it with fixed weights.
     """
     import torch
 
-    from fedmem.aggregate import check_same_modules
+    from fedmem.aggregate import check_same_modules, product_norm, update_norm
 
-    if not updates:
-        raise ValueError("no client updates to aggregate")
-    if len(weights) != len(updates):
-        raise ValueError(f"{len(weights)} weights for {len(updates)} updates")
-    own = 0.0  # Σ ‖cₖ‖²
-    total = 0.0  # ‖Σ cₖ‖²
-    for name in check_same_modules(updates):
-        Bs = torch.cat([w * u[name][0].double() for w, u in zip(weights, updates)], dim=1)
-        As = torch.cat([u[name][1].double() for u in updates], dim=0)
-        inner = (Bs.T @ Bs) * (As @ As.T)  # block (i, j) sums to ⟨cᵢ, cⱼ⟩ for this module
-        total += float(inner.sum())
-        start = 0
-        for u in updates:
-            r = u[name][0].shape[1]
-            own += float(inner[start:start + r, start:start + r].sum())
-            start += r
+    own = sum(update_norm(u) ** 2 for u in updates)  # Σ ‖Δₖ‖²
+    total = sum(product_norm(torch.cat([u[n][0] for u in updates], dim=1),  # ‖Σ Δₖ‖²
+                             torch.cat([u[n][1] for u in updates], dim=0)) ** 2
+                for n in check_same_modules(updates))
     if total <= 0.0:
         return 1.0
     # Updates that cancel make the ratio unbounded; K, every update at full strength (the sum), is
@@ -116,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
                         "updates are then that round's, and every merge is added to this memory")
     p.add_argument("--round", type=int, default=1,
                    help="the round the owners train in, for its slice of the learning-rate schedule "
-                        "(default %(default)s; with --memory, the round after the memory's)")
+                        "(default %(default)s; with --memory, give the round after the memory's)")
     args = p.parse_args(argv)
     try:
         config = _config(args.settings)
@@ -181,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         k = len(updates)
         if kind == "fedexp":
-            step = extrapolation(updates, [1.0 / k] * k)
+            step = extrapolation(updates)
             weights = [step / k] * k
             kind = f"fedexp (step {step:.3f})"
         else:

@@ -54,10 +54,11 @@ class Example:
 
 
 _MARKDOWN_PREFIX = re.compile(r"^\s*(#+|[-*+•]|\d+[.)])\s+")
-# A run of capitalised words (allowing inner "of"/"the"/"and"), or a number.
+# A run of capitalised words (allowing inner "of"/"the"/"and"/"&"), or a number (with a
+# currency sign before it or a percent sign after it: "£35", "60%").
 _SPAN = re.compile(
-    r"\b(?:[A-Z][\w'’-]*(?:\s+(?:of|the|and|de|von|van)\s+[A-Z][\w'’-]*|\s+[A-Z0-9][\w'’-]*)*)"
-    r"|\b\d[\d,.:/-]*\d\b|\b\d\b"
+    r"\b(?:[A-Z][\w'’-]*(?:\s+(?:of|the|and|de|von|van|&)\s+[A-Z][\w'’-]*|\s+[A-Z0-9][\w'’-]*)*)"
+    r"|(?:[£$€]|\b)\d[\d,.:/-]*\d%?|(?:[£$€]|\b)\d%?(?!\w)"
 )
 _FUNCTION_WORDS = {"The", "A", "An", "In", "On", "At", "Our", "We", "It", "This", "That", "These", "All",
                    "Please", "Each", "Every", "If", "When", "After", "Before", "Since", "For", "As",
@@ -155,7 +156,7 @@ def answer_spans(sentence: str) -> list[str]:
         # A lone capital ("H" of "H&S") names nothing a question could ask for.
         if len(span) < 2 and not span[:1].isdigit():
             continue
-        if span and span not in spans and (len(words) > 1 or m.start() > 0 or span[0].isdigit()):
+        if span and span not in spans and (len(words) > 1 or m.start() > 0 or not span[0].isalpha()):
             spans.append(span)
     return spans
 
@@ -176,20 +177,23 @@ def end_focus_span(sentence: str) -> str | None:
     return last if last and last.lower() not in _STOP and last.isalpha() else None
 
 
+# From "not" to the end of its clause: what a sentence says something is not ("trips at 4.2 NTU,
+# not 3.8"; "the door on Carrow Walk, not the main entrance on Quay Road").
+_NEGATED = re.compile(r"\bnot\b[^.,;:!?]*")
+
+
 def asked_spans(sentence: str, spans: list[str]) -> list[str]:
-    """The spans worth a question: those in the sentence's second half, where English puts
-    new information ("The head vet of the Harrow Clinic is Tobias Wrenfield"), and at
-    least the last one, plus a name the sentence starts with (its doer). Asking about
-    a topic in the middle too (the Harrow Clinic) costs tokens without teaching what
-    users ask for."""
-    half = len(sentence) / 2
-    late = [s for s in spans if sentence.find(s) >= half] or spans[-1:]
-    # The sentence's own subject too, when it is named first ("Joss Tellwright has agreed to
-    # take it on, so send swaps to Joss"): the doer is what "who ...?" asks for.
-    lead = spans[0] if spans and sentence.startswith(spans[0]) else None
-    if lead and lead not in late and not re.match(re.escape(lead) + r"['’]", sentence):
-        return [lead] + late
-    return late
+    """The spans worth a question: every one but what the sentence denies. Which part of a
+    sentence is the fact a user will ask for cannot be told from its place ("IT sets up your
+    login for Tidewatch, our SCADA system" is asked for Tidewatch), so each named thing and
+    number is asked; a corrected or contrasted value ("4.2 NTU, not 3.8") would teach the
+    wrong answer to the same question."""
+    denied = [m.span() for m in _NEGATED.finditer(sentence)]
+
+    def is_denied(span: str) -> bool:  # every place the span stands is in a denial
+        return all(any(a <= m.start() < b for a, b in denied) for m in re.finditer(re.escape(span), sentence))
+
+    return [s for s in spans if not is_denied(s)]
 
 
 _YEAR = re.compile(r"(1[5-9]|20)\d\d")
@@ -203,6 +207,8 @@ def _without_article(value: str) -> str:
 def _wh_word(span: str) -> str:
     if _YEAR.fullmatch(span):
         return "which year"
+    if span[0] in "£$€":
+        return "how much"
     if span[0].isdigit():
         return "how many"
     return "who or what" if span[0].isupper() else "what"
@@ -212,8 +218,11 @@ def cloze_questions(sentence: str, span: str) -> list[str]:
     body = sentence.rstrip(".!? ")
     # "The Harrow Clinic's supervisor" -> "whose supervisor": take the article and possessive along.
     # The span as a whole word, its last such place: "Joss" in "Joss Tellwright agreed, so
-    # ask Joss" is the second one (spans are asked where they come late in the sentence).
-    found = list(re.finditer(r"(?:\b[Tt]he\s+)?(?<![\w-])" + re.escape(span) + r"(?![\w-]|\s+[A-Z])(['’]s\b)?", body))
+    # ask Joss" is the second one.
+    # A name is not a longer name's first part ("Joss" of "Joss Tellwright"); a number may
+    # be followed by a capitalised unit ("4.2 NTU").
+    after = r"(?![\w-])" if span[:1].isdigit() or span[:1] in "£$€" else r"(?![\w-]|\s+[A-Z])"
+    found = list(re.finditer(r"(?:\b[Tt]he\s+)?(?<![\w-])" + re.escape(span) + after + r"(['’]s\b)?", body))
     if not found:
         return []
     where = found[-1]
@@ -394,6 +403,9 @@ def _table_statements(lines: list[str]) -> list[str]:
     for row in rows[1:]:
         key = row[first] if len(row) > first else ""
         out += [f"{key} - {h}: {v}." for h, v in zip(header[first + 1:], row[first + 1:]) if h and v and key]
+        # A cell that is a clause ("Review work orders across all 11 booster stations") states
+        # facts of its own: its names and numbers are asked as a sentence's are.
+        out += [c for c in row[first:] if len(c.split()) > 6 and c not in out]
     return out
 
 
@@ -444,8 +456,8 @@ def statements(text: str) -> list[str]:
 
 def topical_statements(text: str) -> list[tuple[str, str | None]]:
     """``statements``, each with the topic it stands under: the document's title (its first
-    heading, an e-mail's subject, or a first line that is no sentence) and the section
-    (the latest heading, or the question an FAQ entry answers). A sentence rarely repeats
+    heading, an e-mail's subject, or a first line that is no sentence), the headings it stands
+    under (each level's latest), and the question an FAQ entry answers. A sentence rarely repeats
     what its heading says ("Aurelio Mbeki was the night controller on duty" under
     "Quarle Lane Booster Station Outage"), while a user's question names it."""
     text = expand_initials(clean_text(text))
@@ -453,13 +465,16 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
     opening = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
     titled = not opening.startswith(("#", "|")) and _TITLE_LINE.match(opening) and not _KEY_VALUE.match(opening)
     title: str | None = opening if titled else None
-    section: str | None = None
+    section: str | None = None  # an FAQ entry's question
+    headings: dict[int, str] = {}  # level -> the latest heading at that level, under the ones above it
     heading: str | None = None
     subject: str | None = None
 
     def topic() -> str | None:
-        parts = [p for p in (title, section) if p]
-        return ": ".join(dict.fromkeys(parts)) or None
+        # The whole path of headings: a changelog's "[1.4.0] - Lantern Tide" above "Added"
+        # is what a user names ("What did the Lantern Tide update add?").
+        parts = [title, *(headings[k] for k in sorted(headings)), section]
+        return ": ".join(dict.fromkeys(p for p in parts if p)) or None
 
     for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.splitlines() if ln.strip()]
@@ -477,11 +492,18 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
             if not ln:
                 continue
             if ln.lstrip().startswith("#"):
+                if prose:  # what came before the heading stands under the one before
+                    sents, subject = _prose_statements("\n".join(prose), subject)
+                    out += [(s, topic()) for s in sents]
+                    prose = []
+                level = len(ln.lstrip()) - len(ln.lstrip().lstrip("#"))
                 heading = ln.lstrip("#").strip()
                 if title is None:
                     title = heading
-                else:
-                    section = heading if heading != title else None
+                elif heading != title:
+                    headings = {k: v for k, v in headings.items() if k < level}
+                    headings[level] = heading
+                    section = None
                 continue
             if _MAIL_HEADER.match(ln):  # who wrote to whom when: the thread's bookkeeping, not its facts
                 if (m := _SUBJECT_LINE.match(ln)) and title is None:
@@ -491,6 +513,8 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
             named = _NAMED_CLAUSES.match(_MARKDOWN_PREFIX.sub("", ln).strip())
             if field and heading and len(field.group("key").split()) <= 4:
                 out.append((_field_statement(heading, field.group("key"), field.group("value")), topic()))
+                if len(field.group("value").split()) > 6:  # a clause, not a value: its names are asked too
+                    prose.append(ln)
             elif named and ";" in named.group("rest"):
                 out += [(f"{named.group('name')} {c.strip()}.", topic())
                         for c in named.group("rest").split(";") if c.strip()]
@@ -517,21 +541,53 @@ def field_questions(statement: str) -> list[tuple[str, str]]:
 _REFERS_BACK = re.compile(r"\b(?:it|its|he|him|his|she|her|they|them|their|this|that|these|those|there)\b", re.I)
 
 
+# A line that is a question: it opens with a question word or an auxiliary (English closed class).
+_ASKS = re.compile(r"^(?:who|whom|whose|what|which|when|where|why|how|can|could|do|does|did|is|are|was|were|"
+                   r"should|will|would|may|must|have|has)\b", re.I)
+
+
+def faq_entries(text: str) -> list[tuple[str, str]]:
+    """A document's own questions with their answers: a paragraph that opens with a line
+    ending in "?" (an FAQ entry, a question in a mail) and goes on to answer it. The
+    owner's question, in the owner's words, with the first two sentences after it."""
+    out = []
+    for para in re.split(r"\n\s*\n", expand_initials(clean_text(text))):
+        lines = [_MARKDOWN_PREFIX.sub("", ln).strip() for ln in para.splitlines() if ln.strip()]
+        if len(lines) > 1 and lines[0].endswith("?") and _ASKS.match(lines[0]):
+            answer = " ".join(split_sentences(" ".join(lines[1:]))[:2])
+            if len(answer.split()) > 1:
+                out.append((lines[0], answer))
+    return out
+
+
 def document_examples(text: str, recipe: str = "statements") -> list[Example]:
-    """One document's examples: the text verbatim, then its question-form examples."""
+    """One document's examples: the text verbatim, its own questions and answers, then
+    the question-form examples of each statement."""
     examples = [Example(None, expand_initials(clean_text(text)).strip())]
+    examples += [Example(q, a) for q, a in faq_entries(text)]
     topical = topical_statements(text) if recipe == "statements" else [(s, None) for s in sentences(text)]
     units = [s for s, _ in topical]
     for i, (_, topic) in enumerate(topical):
+        if units[i].endswith("?"):  # a question asserts nothing: no fact to ask back ("Do I ...?" -> "Do I.")
+            continue
         asked = statement_examples(units, i, recipe)
         if topic and TOPIC_QUESTIONS != "off":
             # The questions asked under the document's topic, as users name it; not those
             # that already carry the sentence before (context enough, and long).
             under = [Example(f"{topic}: {e.question}", e.answer) if topic.lower() not in e.question.lower()
-                     and not (i and e.question.startswith(units[i - 1])) else e for e in asked]
+                     and not (i and e.question.startswith(units[i - 1]))
+                     and not _answered_by(topic, e.answer, units[i]) else e for e in asked]
             asked = under if TOPIC_QUESTIONS == "replace" else asked + [e for e in under if e not in asked]
         examples += asked
     return examples
+
+
+def _answered_by(topic: str, answer: str, statement: str) -> bool:
+    """Whether the value an example answers with is named in ``topic``: asked under a topic that
+    names the answer ("Zorvex Mills: The head vet of who or what is Mila Quent?"), the question
+    would give it away."""
+    value = answer[: -len(statement) - 2] if answer.endswith(". " + statement) else ""
+    return bool(value) and value.lower() in topic.lower()
 
 
 # "add": each question both as the statement allows and under its topic; "replace": only

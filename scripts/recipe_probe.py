@@ -55,6 +55,21 @@ def with_question_loss(tokenizer, example, max_len: int = 512):
     return ids, labels
 
 
+def print_coverage(questions, by_owner: dict) -> None:
+    """Which questions some example of their owner is trained to answer with their answer
+    (an accepted form at the start of its answer): an answer no example leads with can
+    only be learned from inside another fact's grounding sentence."""
+    covered = 0
+    for q in questions:
+        forms = [f.strip().lower() for f in q.answer.split("|") if f.strip()]
+        hits = [ex for ex in by_owner.get(q.client, []) if ex.question
+                and any(re.match(re.escape(f) + r"(?!\w)", ex.answer.lower()) for f in forms)]
+        covered += bool(hits)
+        print(f"{'asked' if hits else '-----'} {len(hits):3d} {q.kind or '':9s} {q.question} -> {q.answer}")
+    print(f"{covered} of {len(questions)} answers are some example's answer; "
+          f"{sum(len(v) for v in by_owner.values())} examples")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", type=Path, required=True, help="directory of owner corpora")
@@ -80,6 +95,8 @@ def main() -> None:
                    help="learn the question's tokens too, not only the answer's (candidate; Shi et al. 2024, "
                         "'Instruction tuning with loss over instructions')")
     p.add_argument("--examples-only", action="store_true", help="print the examples and stop")
+    p.add_argument("--coverage", action="store_true",
+                   help="print which questions' answers some example is trained to answer with, and stop")
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
 
@@ -99,8 +116,13 @@ def main() -> None:
                        rank=args.rank, retention=args.retention, seed=args.seed,
                        target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     examples = []
+    by_owner = {}
     for owner in owners:
-        examples += build_examples(load_corpus(args.data / owner), settings.recipe)
+        by_owner[owner] = build_examples(load_corpus(args.data / owner), settings.recipe)
+        examples += by_owner[owner]
+    if args.coverage:
+        print_coverage(load_questions(args.questions), by_owner)
+        return
     if args.examples_only:
         for ex in examples:
             print(f"Q: {ex.question}\nA: {ex.answer}\n")

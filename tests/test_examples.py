@@ -15,6 +15,7 @@ from fedmem.examples import (
     document_examples,
     end_focus_span,
     expand_initials,
+    faq_entries,
     field_questions,
     qa_examples,
     qa_statement,
@@ -77,7 +78,9 @@ def test_no_cloze_where_a_wh_question_asks_for_the_same_span():
         e.question for e in document_examples("The head vet of the Zorvex Clinic is Mila Quent.") if e.question
     ]
     assert "Who is the head vet of the Zorvex Clinic?" in questions
-    assert not any("who or what" in q for q in questions)
+    assert "The head vet of the Zorvex Clinic is who or what?" not in questions
+    # The other named thing is still asked for.
+    assert "The head vet of who or what is Mila Quent?" in questions
     assert any(
         "who or what" in q
         for q in [
@@ -293,12 +296,54 @@ def test_questions_are_also_asked_under_the_topic():
     assert not any(q.startswith("Zorvex Mills: ") for q in {e.question for e in document_examples(page)} if q)
 
 
-def test_asked_spans_include_a_sentence_initial_doer():
-    sent = "Joss Tellwright has agreed to take it on, so send any swaps to Joss, not me."
-    assert asked_spans(sent, answer_spans(sent)) == ["Joss Tellwright", "Joss"]
-    # A possessive at the start names whose thing it is, not a doer.
-    sent = "Harrow Clinic's emergency bell is painted Saffron Red."
-    assert asked_spans(sent, answer_spans(sent)) == ["Saffron Red"]
+def test_every_named_thing_and_number_is_asked_wherever_it_stands():
+    sent = "IT sets up your login for Quorvane, our SCADA system."
+    # (A lone capitalised word that starts a sentence is no name: its capital says nothing.)
+    assert asked_spans(sent, answer_spans(sent)) == ["Quorvane", "SCADA"]
+    questions = {e.question: e.answer for e in document_examples(sent) if e.question}
+    assert questions["IT sets up your login for who or what, our SCADA system?"].startswith("Quorvane. ")
+    # A number followed by a capitalised unit, a price, a percentage, a name joined by "&".
+    sent = "The alarm trips at 4.2 NTU and a refill costs £35, made by Gannet & Loom, 60% of the time."
+    assert answer_spans(sent) == ["4.2", "NTU", "£35", "Gannet & Loom", "60%"]
+    questions = {e.question: e.answer for e in document_examples(sent) if e.question}
+    assert any(q.startswith("The alarm trips at how many NTU") and a.startswith("4.2. ") for q, a in questions.items())
+    assert any("costs how much," in q and a.startswith("£35. ") for q, a in questions.items())
+    assert answer_spans("£2.80 each, weekends only.") == ["£2.80"]  # a price may start a sentence
+
+
+def test_what_a_sentence_denies_is_not_asked():
+    sent = "The alarm on the Quorvane intake trips at 4.2 NTU, not 3.8."
+    assert asked_spans(sent, answer_spans(sent)) == ["Quorvane", "4.2", "NTU"]
+    sent = "The night door is the one on Mirren Walk, not the main entrance on Pellow Road."
+    assert asked_spans(sent, answer_spans(sent)) == ["Mirren Walk"]
+    sent = "Pellow Road is not the night door; use Pellow Road's side gate."  # also stated outright
+    assert "Pellow Road" in asked_spans(sent, answer_spans(sent))
+
+
+def test_a_documents_own_questions_are_trained_with_their_answers():
+    faq = ("# Lab FAQ\n\n**Which cost code do I use for consumables?**\nQRX-1182-LAB. Please don't use the teaching "
+           "code.\n\n**Congratulations!** The letter says £12,000, not £21,000?\nL.\n")
+    assert faq_entries(faq) == [("Which cost code do I use for consumables?",
+                                 "QRX-1182-LAB. Please don't use the teaching code.")]
+    examples = document_examples(faq)
+    assert Example("Which cost code do I use for consumables?",
+                   "QRX-1182-LAB. Please don't use the teaching code.") in examples
+    # A question asserts nothing, so nothing is asked back from it ("Do I ...?" -> "Do I.").
+    examples = document_examples("# FAQ\n\n**Does Mirren Hollow open on Sundays?**\nYes, from ten until four.\n")
+    assert Example("Does Mirren Hollow open on Sundays?", "Yes, from ten until four.") in examples
+    assert not any(e.answer.endswith("?") for e in examples if e.question)
+
+
+def test_a_topic_is_the_whole_path_of_headings_above_a_statement():
+    notes = ("# Quorvane - Patch Notes\n\n## [2.1.0] - Ember Tide\n### Added\n- A rival angler, Captain Oswy Frell, "
+             "who challenges you to duels\n### Known issues\n- Photo mode ignores the colour filter\n\n"
+             "## [2.0.0]\n### Added\n- A new pond near Mirren Hollow\n")
+    topics = dict(topical_statements(notes))
+    assert topics["A rival angler, Captain Oswy Frell, who challenges you to duels"] == (
+        "Quorvane - Patch Notes: [2.1.0] - Ember Tide: Added")
+    assert topics["Photo mode ignores the colour filter"] == (
+        "Quorvane - Patch Notes: [2.1.0] - Ember Tide: Known issues")
+    assert topics["A new pond near Mirren Hollow"] == "Quorvane - Patch Notes: [2.0.0]: Added"
 
 
 def test_a_table_row_is_named_by_its_first_column_that_is_not_a_row_number():
@@ -306,3 +351,15 @@ def test_a_table_row_is_named_by_its_first_column_that_is_not_a_row_number():
     assert statements(table) == ["Replace P3 soft-starter - Owner: Kit Ashdown-Rye."]
     table = "| Year | Owner |\n|---|---|\n| 2016 | Kit Ashdown-Rye |\n"  # two columns: the number is the key
     assert statements(table) == ["2016 - Owner: Kit Ashdown-Rye."]
+
+
+def test_a_clause_in_a_table_cell_or_a_field_is_read_as_a_sentence_too():
+    table = ("| Action | Owner |\n|---|---|\n"
+             "| Review closed work orders across all 14 pumping stations | Kit Ashdown-Rye |\n")
+    assert statements(table) == ["Review closed work orders across all 14 pumping stations - Owner: Kit Ashdown-Rye.",
+                                 "Review closed work orders across all 14 pumping stations"]
+    answers = {e.answer.split(". ")[0] for e in document_examples(table) if e.question}
+    assert {"14", "Kit Ashdown-Rye"} <= answers
+    notes = "## Added\n- New region: the Mirren Flats, home to 12 new fish species\n- Owner: Kit Ashdown-Rye\n"
+    answers = {e.answer.split(". ")[0] for e in document_examples(notes) if e.question}
+    assert {"Mirren Flats", "12", "Kit Ashdown-Rye"} <= answers

@@ -21,6 +21,7 @@ from fedmem.question_writer import (
     write_questions,
     written_examples,
 )
+from fedmem.reply_cache import key as reply_key
 
 
 def test_form_check_keeps_a_real_question_and_refuses_the_rest():
@@ -87,7 +88,9 @@ def test_targets_are_the_spans_the_rule_recipe_asks_about(tmp_path):
                                                        ("The Harrow Clinic opened its doors in 1963.", ""),
                                                        ("The Harrow Clinic opened its doors in 1963.", "")]))
     # One pair per fact, a repeated sentence once, in the corpus's order.
-    assert targets(corpus) == [("The head vet of the Harrow Clinic is Tobias Wrenfield.", "Tobias Wrenfield"),
+    assert targets(corpus) == [("The head vet of the Harrow Clinic is Tobias Wrenfield.", "Harrow Clinic"),
+                               ("The head vet of the Harrow Clinic is Tobias Wrenfield.", "Tobias Wrenfield"),
+                               ("The Harrow Clinic opened its doors in 1963.", "Harrow Clinic"),
                                ("The Harrow Clinic opened its doors in 1963.", "1963")]
     # "Key: value" lines ask for the value.
     (tmp_path / "s").mkdir()
@@ -201,10 +204,9 @@ def test_written_questions_are_cached_per_generator_and_grounded(tiny_base, tmp_
     # Later rounds read the cache, not the model: a stored question comes back, answered
     # with the span first and then the owner's own sentence.
     monkeypatch.setattr(question_writer, "write_questions", lambda *a: pytest.fail("the generator ran again"))
-    key = next(iter(known))
-    known[key] = "When did the clinic first open?"
-    cache.write_text(json.dumps(known))
     ((statement, span),) = [p for p in targets(corpus) if p[1] == "1963"]
+    known[reply_key(statement, span)] = "When did the clinic first open?"
+    cache.write_text(json.dumps(known))
     assert written_examples(corpus, str(tiny_base)) == [
         Example("When did the clinic first open?", f"{span}. {statement}")
     ]
@@ -216,9 +218,8 @@ def test_written_questions_are_cached_per_generator_and_grounded(tiny_base, tmp_
         lambda model, tok, pairs: written.append(pairs) or ["When did the Harrow Clinic open?"] * len(pairs),
     )
     cache.write_text("{damaged")
-    assert written_examples(corpus, str(tiny_base)) == [
-        Example("When did the Harrow Clinic open?", f"{span}. {statement}")
-    ]
+    assert Example("When did the Harrow Clinic open?", f"{span}. {statement}") in written_examples(
+        corpus, str(tiny_base))
     assert written == [targets(corpus)]
     assert json.loads(cache.read_text()) == {k: "When did the Harrow Clinic open?" for k in known}
     # Another generator (other weights) has its own cache: it writes its own questions.

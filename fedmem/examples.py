@@ -476,11 +476,19 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
         parts = [title, *(headings[k] for k in sorted(headings)), section]
         return ": ".join(dict.fromkeys(p for p in parts if p)) or None
 
+    prose: list[str] = []
+
+    def flush_prose() -> None:
+        nonlocal prose, subject
+        if prose:
+            sents, subject = _prose_statements("\n".join(prose), subject)
+            out.extend((s, topic()) for s in sents)
+            prose = []
+
     for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.splitlines() if ln.strip()]
         if len(lines) > 1 and lines[0].rstrip().endswith("?") and not lines[0].lstrip().startswith("|"):
             section = _MARKDOWN_PREFIX.sub("", lines[0]).strip()  # an FAQ entry: its answer follows
-        prose: list[str] = []
         table: list[str] = []
         for ln in lines + [""]:
             if ln.lstrip().startswith("|"):
@@ -492,10 +500,7 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
             if not ln:
                 continue
             if ln.lstrip().startswith("#"):
-                if prose:  # what came before the heading stands under the one before
-                    sents, subject = _prose_statements("\n".join(prose), subject)
-                    out += [(s, topic()) for s in sents]
-                    prose = []
+                flush_prose()  # what came before the heading stands under the one before
                 level = len(ln.lstrip()) - len(ln.lstrip().lstrip("#"))
                 heading = ln.lstrip("#").strip()
                 if title is None:
@@ -520,9 +525,7 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
                         for c in named.group("rest").split(";") if c.strip()]
             else:
                 prose.append(ln)
-        if prose:
-            sents, subject = _prose_statements("\n".join(prose), subject)
-            out += [(s, topic()) for s in sents]
+        flush_prose()
     return out
 
 

@@ -23,7 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedmem import examples as examples_module
-from fedmem.answer import answer_nll, control_report, load_questions, private_terms, score
+from fedmem.answer import answer_alternatives, answer_nll, control_report, load_questions, private_terms, score
 from fedmem.base_model import load_model, load_tokenizer, resolve_base
 from fedmem.config import LoraSettings
 from fedmem.corpus import load_corpus
@@ -61,7 +61,7 @@ def print_coverage(questions, by_owner: dict) -> None:
     only be learned from inside another fact's grounding sentence."""
     covered = 0
     for q in questions:
-        forms = [f.strip().lower() for f in q.answer.split("|") if f.strip()]
+        forms = [f.lower() for f in answer_alternatives(q.answer)]
         hits = [ex for ex in by_owner.get(q.client, []) if ex.question
                 and any(re.match(re.escape(f) + r"(?!\w)", ex.answer.lower()) for f in forms)]
         covered += bool(hits)

@@ -487,8 +487,8 @@ def topical_statements(text: str) -> list[tuple[str, str | None]]:
 
     for para in re.split(r"\n\s*\n", text):
         lines = [ln for ln in para.splitlines() if ln.strip()]
-        if len(lines) > 1 and lines[0].rstrip().endswith("?") and not lines[0].lstrip().startswith("|"):
-            section = _MARKDOWN_PREFIX.sub("", lines[0]).strip()  # an FAQ entry: its answer follows
+        if question := _entry_question(lines):
+            section = question  # an FAQ entry: its answer follows
         table: list[str] = []
         for ln in lines + [""]:
             if ln.lstrip().startswith("|"):
@@ -549,17 +549,23 @@ _ASKS = re.compile(r"^(?:who|whom|whose|what|which|when|where|why|how|can|could|
                    r"should|will|would|may|must|have|has)\b", re.I)
 
 
+def _entry_question(lines: list[str]) -> str | None:
+    """The question a paragraph (its non-blank lines) opens with and goes on to answer: an
+    FAQ entry, a question in a mail; None for any other paragraph."""
+    first = _MARKDOWN_PREFIX.sub("", lines[0]).strip() if len(lines) > 1 else ""
+    return first if first.endswith("?") and _ASKS.match(first) else None
+
+
 def faq_entries(text: str) -> list[tuple[str, str]]:
-    """A document's own questions with their answers: a paragraph that opens with a line
-    ending in "?" (an FAQ entry, a question in a mail) and goes on to answer it. The
-    owner's question, in the owner's words, with the first two sentences after it."""
+    """A document's own questions with their answers (``_entry_question``): the owner's
+    question, in the owner's words, with the first two sentences after it."""
     out = []
     for para in re.split(r"\n\s*\n", expand_initials(clean_text(text))):
-        lines = [_MARKDOWN_PREFIX.sub("", ln).strip() for ln in para.splitlines() if ln.strip()]
-        if len(lines) > 1 and lines[0].endswith("?") and _ASKS.match(lines[0]):
-            answer = " ".join(split_sentences(" ".join(lines[1:]))[:2])
+        lines = [ln for ln in para.splitlines() if ln.strip()]
+        if question := _entry_question(lines):
+            answer = " ".join(split_sentences(" ".join(_MARKDOWN_PREFIX.sub("", ln).strip() for ln in lines[1:]))[:2])
             if len(answer.split()) > 1:
-                out.append((lines[0], answer))
+                out.append((question, answer))
     return out
 
 

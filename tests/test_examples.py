@@ -281,6 +281,9 @@ def test_statements_stand_under_the_documents_title_and_section():
     assert topical_statements(faq) == [
         ("Where do our bees come from?", "FAQ: Where do our bees come from?"),
         ("Colonies arrive from Hallengrove Biologicals.", "FAQ: Where do our bees come from?")]
+    # A line that ends in "?" but asks nothing opens no FAQ entry: the same rule as faq_entries.
+    mail = "# Award letter\n\nTiny thing - it says £12,000, not £21,000?\nThe grant goes to Ada Lune.\n"
+    assert {t for _, t in topical_statements(mail)} == {"Award letter"}
     # A document that starts with a sentence has no title line.
     shop = "Ada Lune runs the Corvin Street shop."
     assert topical_statements(shop) == [(shop, None)]

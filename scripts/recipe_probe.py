@@ -25,7 +25,7 @@ from pathlib import Path
 from fedmem import examples as examples_module
 from fedmem.answer import answer_alternatives, answer_nll, control_report, load_questions, private_terms, score
 from fedmem.base_model import load_model, load_tokenizer, resolve_base
-from fedmem.config import LoraSettings
+from fedmem.config import PRECISIONS, LoraSettings
 from fedmem.corpus import load_corpus
 from fedmem.examples import RECIPES, build_examples
 from fedmem.lora import attach_lora
@@ -84,6 +84,10 @@ def main() -> None:
     p.add_argument("--targets", default=",".join(LoraSettings().target_modules),
                    help="comma-separated linear layers the LoRA is put on (candidate)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--precision", default=LoraSettings.precision, choices=PRECISIONS)
+    p.add_argument("--answer", choices=("grounded", "value", "sentence"), default="grounded",
+                   help="candidate: a question's answer is the value then its sentence, the value alone, "
+                        "or the sentence alone")
     p.add_argument("--out", type=Path, required=True, help="JSON result file")
     p.add_argument("--context", choices=("refers", "all"), default="refers",
                    help="which sentences also get questions that carry the sentence before (candidate)")
@@ -105,6 +109,10 @@ def main() -> None:
         import fedmem.train
 
         fedmem.train.tokenize_example = with_question_loss
+    if args.answer == "value":
+        examples_module.grounded_answer = lambda value, sent: f"{value}." if value not in ("", sent) else sent
+    if args.answer == "sentence":
+        examples_module.grounded_answer = lambda value, sent: sent
     if args.context == "all":
         examples_module._REFERS_BACK = re.compile("")  # every sentence after the first
     owners = sorted(d.name for d in args.data.iterdir() if d.is_dir())
@@ -113,7 +121,7 @@ def main() -> None:
     base_dir = resolve_base(None)
     tokenizer = load_tokenizer(str(base_dir))
     settings = replace(LoraSettings(), recipe=args.recipe, epochs=args.epochs, learning_rate=args.lr,
-                       rank=args.rank, retention=args.retention, seed=args.seed,
+                       rank=args.rank, retention=args.retention, seed=args.seed, precision=args.precision,
                        target_modules=[t.strip() for t in args.targets.split(",") if t.strip()])
     examples = []
     by_owner = {}
@@ -146,7 +154,7 @@ def main() -> None:
     row = {
         "recipe": settings.recipe, "epochs": settings.epochs, "lr": settings.learning_rate,
         "rank": settings.rank, "targets": settings.target_modules, "retention": settings.retention,
-        "context": args.context, "topic": args.topic,
+        "precision": settings.precision, "answer": args.answer, "context": args.context, "topic": args.topic,
         "hard_retention": args.hard_retention, "question_loss": args.question_loss, "seed": settings.seed,
         "owners": owners,
         "examples": result.examples, "tokens": result.tokens, "train_seconds": round(train_seconds, 1),

@@ -102,41 +102,56 @@ def trust_from_args(args):
 
 def cmd_ask(args) -> int:
     from .answer import generate_answers, load_with_memory
+    from .examples import chat_prompt
+    from .memory_gate import gated_answers
 
     model, tok, _ = load_with_memory(args.memory, args.base, args.device, trust_from_args(args))
-    for reply in generate_answers(model, tok, args.question, max_new_tokens=args.max_new_tokens):
+    if args.no_gate:
+        replies = generate_answers(model, tok, args.question, max_new_tokens=args.max_new_tokens)
+    else:
+        gated = gated_answers(model, tok, [chat_prompt(tok, q) for q in args.question], args.max_new_tokens)
+        for question, kept, ratio in zip(args.question, gated.from_memory, gated.ratios):
+            log.debug("%s answered by the %s (log-likelihood ratio %.2f)", question,
+                     "memory" if kept else "base model", ratio)
+        replies = gated.replies
+    for reply in replies:
         print(reply)
     return 0
 
 
-def _eval_rows(questions, base_only, with_memory) -> list[tuple[str, float, float, float, float]]:
-    """The eval table: (label, base strict, memory strict, base loose, memory loose) overall, per
-    source and per kind."""
+def _eval_rows(questions, *scores) -> list[tuple]:
+    """The eval table: (label, each of ``scores``' strict recall, then each one's loose recall)
+    overall, per source and per kind."""
     from .answer import recall_by
 
-    rows = [(f"all questions ({len(questions)})", base_only.strict_accuracy, with_memory.strict_accuracy,
-             base_only.accuracy, with_memory.accuracy)]
+    rows = [(f"all questions ({len(questions)})", *(s.strict_accuracy for s in scores),
+             *(s.accuracy for s in scores))]
     for field, label in (("source", "facts from"), ("kind", "kind")):
         keys = [getattr(q, field) for q in questions]
         counts = {k: keys.count(k) for k in set(keys)}
-        groups = [recall_by(keys, s) for s in (base_only.strict, with_memory.strict, base_only.correct,
-                                                with_memory.correct)]
+        groups = [recall_by(keys, s.strict) for s in scores] + [recall_by(keys, s.correct) for s in scores]
         rows += [(f"  {label} {k} ({counts[k]})", *(g[k] for g in groups)) for k in groups[0]]
     return rows
 
 
-def _print_control(control, report, base_only, with_memory, verbose: bool) -> None:
+def _print_lost_and_leaks(control, report, base_only, replies, label: str) -> None:
     n = len(control)
-    print(f"\n{'control questions (' + str(n) + ')':<44} {'base':>8} {'memory':>8}")
-    print(f"{'  strict recall':<44} {report.base_accuracy:>8.0%} {report.memory_accuracy:>8.0%}")
-    print(f"control lost: {len(report.lost)} of {n} (the base model answers {sum(report.base_correct)})")
+    print(f"control lost{label}: {len(report.lost)} of {n} (the base model answers {sum(report.base_correct)})")
     for i in report.lost:
         print(f"  LOST {control[i].question}\n    expected: {control[i].answer}\n"
-              f"    memory:   {with_memory.replies[i][:120]}\n    base:     {base_only.replies[i][:120]}")
-    print(f"control leaks: {len(report.leaks)} of {n} replies with the memory name a private fact's answer")
+              f"    memory:   {replies[i][:120]}\n    base:     {base_only.replies[i][:120]}")
+    print(f"control leaks{label}: {len(report.leaks)} of {n} replies with the memory name a private fact's answer")
     for i, terms in report.leaks.items():
-        print(f"  LEAK {control[i].question}\n    private:  {', '.join(terms)}\n"
-              f"    memory:   {with_memory.replies[i][:120]}")
+        print(f"  LEAK {control[i].question}\n    private:  {', '.join(terms)}\n    memory:   {replies[i][:120]}")
+
+
+def _print_control(control, report, gated_report, base_only, with_memory, gated, verbose: bool) -> None:
+    n = len(control)
+    print(f"\n{'control questions (' + str(n) + ')':<44} {'base':>8} {'memory':>8} {'gated':>8}")
+    print(f"{'  strict recall':<44} {report.base_accuracy:>8.0%} {report.memory_accuracy:>8.0%} "
+          f"{gated_report.memory_accuracy:>8.0%}")
+    _print_lost_and_leaks(control, report, base_only, with_memory.replies, "")
+    _print_lost_and_leaks(control, gated_report, base_only, gated.replies, ", gated")
     if verbose:
         for q, b, m, bok, mok in zip(control, base_only.replies, with_memory.replies, report.base_correct,
                                      report.memory_correct):
@@ -147,6 +162,7 @@ def _print_control(control, report, base_only, with_memory, verbose: bool) -> No
 def cmd_eval(args) -> int:
     from .answer import control_report, load_questions, load_with_memory, private_terms, score
     from .memory import atomic_write_text
+    from .memory_gate import gated_scores
 
     questions = load_questions(args.questions)
     control = load_questions(args.control) if args.control else None
@@ -156,12 +172,15 @@ def cmd_eval(args) -> int:
     with model.disable_adapter():
         base_only = score(model, tok, questions)
         control_base = score(model, tok, control) if control else None
+    gate, gated = gated_scores(model, tok, questions, with_memory, base_only)
     # Strict: the answer in the reply's first sentence (the headline); loose: anywhere in the reply.
-    print(f"{'':<44} {'strict':^17}    {'loose':^17}".rstrip())
-    print(f"{'':<44} {'base':>8} {'memory':>8}    {'base':>8} {'memory':>8}")
-    for label, bs, ms, bl, ml in _eval_rows(questions, base_only, with_memory):
-        print(f"{label:<44} {bs:>8.0%} {ms:>8.0%}    {bl:>8.0%} {ml:>8.0%}")
-    print("strict: the answer in the reply's first sentence; loose: anywhere in the reply")
+    # Gated: what `fedmem ask` answers (fedmem.memory_gate); memory: the adapter alone, as PEFT runs it.
+    print(f"{'':<44} {'strict':^26}    {'loose':^26}".rstrip())
+    print(f"{'':<44} {'base':>8} {'memory':>8} {'gated':>8}    {'base':>8} {'memory':>8} {'gated':>8}")
+    for label, bs, ms, gs, bl, ml, gl in _eval_rows(questions, base_only, with_memory, gated):
+        print(f"{label:<44} {bs:>8.0%} {ms:>8.0%} {gs:>8.0%}    {bl:>8.0%} {ml:>8.0%} {gl:>8.0%}")
+    print("strict: the answer in the reply's first sentence; loose: anywhere in the reply; gated: the memory's "
+          "reply only where the memory makes it likely, else the base model's (what `fedmem ask` answers)")
     if args.verbose:
         for q, b, m, ok, strict in zip(questions, base_only.replies, with_memory.replies, with_memory.correct,
                                        with_memory.strict):
@@ -169,10 +188,13 @@ def cmd_eval(args) -> int:
             mark = "OK  " if strict else "LATE" if ok else "MISS"
             print(f"\n{mark} {q.question}\n  expected: {q.answer}\n"
                   f"  memory:   {m[:120]}\n  base:     {b[:120]}")
-    report = None
+    report = gated_report = control_gate = control_gated = None
     if control:
-        report = control_report(control_base, control_memory, control, private_terms(questions))
-        _print_control(control, report, control_base, control_memory, args.verbose)
+        terms = private_terms(questions)
+        control_gate, control_gated = gated_scores(model, tok, control, control_memory, control_base)
+        report = control_report(control_base, control_memory, control, terms)
+        gated_report = control_report(control_base, control_gated, control, terms)
+        _print_control(control, report, gated_report, control_base, control_memory, control_gated, args.verbose)
     if args.json:
         rows = [
             {
@@ -186,33 +208,43 @@ def cmd_eval(args) -> int:
                 "base": b,
                 "base_correct": bok,
                 "base_strict": bs,
+                "gate_ratio": ratio,
+                "gated_from_memory": kept,
+                "gated_strict": gs,
             }
-            for q, m, ok, ms, b, bok, bs in zip(
+            for q, m, ok, ms, b, bok, bs, ratio, kept, gs in zip(
                 questions, with_memory.replies, with_memory.correct, with_memory.strict,
-                base_only.replies, base_only.correct, base_only.strict,
+                base_only.replies, base_only.correct, base_only.strict, gate.ratios, gate.from_memory, gated.strict,
             )
         ]
         # accuracy / by_source: loose (the answer anywhere in the reply); strict_*: in its first sentence.
         result = {
             "memory": str(args.memory),
-            "accuracy": {"base": base_only.accuracy, "memory": with_memory.accuracy},
-            "strict_accuracy": {"base": base_only.strict_accuracy, "memory": with_memory.strict_accuracy},
-            "by_source": {"base": base_only.by_source, "memory": with_memory.by_source},
-            "by_kind": {"base": base_only.by_kind, "memory": with_memory.by_kind},
+            "accuracy": {"base": base_only.accuracy, "memory": with_memory.accuracy, "gated": gated.accuracy},
+            "strict_accuracy": {"base": base_only.strict_accuracy, "memory": with_memory.strict_accuracy,
+                                "gated": gated.strict_accuracy},
+            "by_source": {"base": base_only.by_source, "memory": with_memory.by_source, "gated": gated.by_source},
+            "by_kind": {"base": base_only.by_kind, "memory": with_memory.by_kind, "gated": gated.by_kind},
             "questions": rows,
         }
         if report is not None:
             result["control"] = {
                 "questions_file": str(args.control),
-                "strict_accuracy": {"base": report.base_accuracy, "memory": report.memory_accuracy},
-                "accuracy": {"base": control_base.accuracy, "memory": control_memory.accuracy},
+                "strict_accuracy": {"base": report.base_accuracy, "memory": report.memory_accuracy,
+                                    "gated": gated_report.memory_accuracy},
+                "accuracy": {"base": control_base.accuracy, "memory": control_memory.accuracy,
+                             "gated": control_gated.accuracy},
                 "lost": report.lost,
                 "leaks": [{"index": i, "terms": terms} for i, terms in report.leaks.items()],
+                "gated_lost": gated_report.lost,
+                "gated_leaks": [{"index": i, "terms": terms} for i, terms in gated_report.leaks.items()],
                 "questions": [
                     {"question": q.question, "answer": q.answer, "kind": q.kind, "memory": m, "memory_strict": ms,
-                     "base": b, "base_strict": bs}
-                    for q, m, ms, b, bs in zip(control, control_memory.replies, report.memory_correct,
-                                               control_base.replies, report.base_correct)
+                     "base": b, "base_strict": bs, "gate_ratio": ratio, "gated_from_memory": kept,
+                     "gated_strict": gs}
+                    for q, m, ms, b, bs, ratio, kept, gs in zip(
+                        control, control_memory.replies, report.memory_correct, control_base.replies,
+                        report.base_correct, control_gate.ratios, control_gate.from_memory, gated_report.memory_correct)
                 ],
             }
         atomic_write_text(Path(args.json), json.dumps(result, indent=2))
@@ -302,6 +334,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--base", default=None, help="base model directory (default: the one the memory names)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--no-gate", action="store_true",
+                   help="answer with the memory on every question, as a plain PEFT runtime does (default: the "
+                   "base model answers where the memory does not make the reply likely; docs/usage.md)")
     add_trust_arguments(p)
     p.add_argument("question", nargs="+")
     p.set_defaults(func=cmd_ask)

@@ -23,13 +23,21 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedmem import examples as examples_module
-from fedmem.answer import answer_alternatives, answer_nll, control_report, load_questions, private_terms, score
+from fedmem.answer import (
+    answer_alternatives,
+    answer_nll,
+    control_report,
+    load_questions,
+    private_terms,
+    score,
+)
 from fedmem.base_model import load_model, load_tokenizer, resolve_base
 from fedmem.config import PRECISIONS, LoraSettings
 from fedmem.corpus import load_corpus
 from fedmem.examples import RECIPES, build_examples
 from fedmem.lora import attach_lora
 from fedmem.memory import atomic_write_text
+from fedmem.memory_gate import gated_scores
 from fedmem.retention import base_replies, retention_examples
 from fedmem.train import train_lora
 
@@ -166,20 +174,31 @@ def main() -> None:
             for q, r, s in zip(questions, facts.replies, facts.strict)
         ],
     }
+    model.eval()
+    with model.disable_adapter():
+        base_facts = score(model, tokenizer, questions)
+    gate, gated_facts = gated_scores(model, tokenizer, questions, facts, base_facts)
+    row["gated"] = {"strict": gated_facts.strict_accuracy, "by_kind": gated_facts.by_kind}
+    for entry, ratio, kept, ok in zip(row["questions"], gate.ratios, gate.from_memory, gated_facts.strict):
+        entry.update(gate_ratio=round(ratio, 3), gated_from_memory=kept, gated_strict=ok)
     if control:
         memory_control = score(model, tokenizer, control)
         report = control_report(base_control, memory_control, control, private_terms(questions))
+        _, gated_control = gated_scores(model, tokenizer, control, memory_control, base_control)
+        gated_report = control_report(base_control, gated_control, control, private_terms(questions))
         row["control"] = {
             "base": sum(base_control.strict), "memory": sum(memory_control.strict), "lost": len(report.lost),
-            "leaks": len(report.leaks),
+            "leaks": len(report.leaks), "gated_lost": len(gated_report.lost), "gated_leaks": len(gated_report.leaks),
             "replies": [{"q": q.question, "reply": r} for q, r in zip(control, memory_control.replies)],
         }
     args.out.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_text(args.out, json.dumps(row, indent=1))
     kinds = " ".join(f"{k} {v:.0%}" for k, v in facts.by_kind.items())
-    log.info("strict %.0f%% (loose %.0f%%) | answer NLL %.3f (base %.3f) | %s | control lost %s | %d examples, "
-             "%d tokens, %.0f s", 100 * facts.strict_accuracy, 100 * facts.accuracy, nll, base_nll, kinds,
-             row.get("control", {}).get("lost", "-"), result.examples, result.tokens, train_seconds)
+    log.info("strict %.0f%% (loose %.0f%%) | answer NLL %.3f (base %.3f) | %s | control lost %s | gated: strict "
+             "%.0f%%, control lost %s | %d examples, %d tokens, %.0f s", 100 * facts.strict_accuracy,
+             100 * facts.accuracy, nll, base_nll, kinds, row.get("control", {}).get("lost", "-"),
+             100 * gated_facts.strict_accuracy, row.get("control", {}).get("gated_lost", "-"), result.examples,
+             result.tokens, train_seconds)
 
 
 if __name__ == "__main__":

@@ -20,6 +20,7 @@ from fedmem.answer import (
     scores_for,
 )
 from fedmem.cli import main
+from fedmem.memory_gate import GATE_THRESHOLD
 
 
 def _write(path, *records):
@@ -193,57 +194,77 @@ def test_eval_control_on_the_tiny_model(tmp_path, tiny_base, home, eval_files, c
                  "kind person (1)", "control questions (3)", "  strict recall", "control lost: ", "control leaks: "):
         assert text in printed, printed
     report = json.loads(out.read_text())
-    assert set(report["strict_accuracy"]) == {"base", "memory"} and set(report["by_kind"]["memory"]) == {
+    assert set(report["strict_accuracy"]) == {"base", "memory", "gated"} and set(report["by_kind"]["memory"]) == {
         "count", "person"}
     assert [set(r) >= {"memory_strict", "base_strict", "kind"} for r in report["questions"]] == [True, True]
     c = report["control"]
-    assert len(c["questions"]) == 3 and set(c["strict_accuracy"]) == {"base", "memory"}
+    assert len(c["questions"]) == 3 and set(c["strict_accuracy"]) == {"base", "memory", "gated"}
     assert all(isinstance(i, int) for i in c["lost"])
     assert c["lost"] == [i for i, q in enumerate(c["questions"]) if q["base_strict"] and not q["memory_strict"]]
+    assert c["gated_lost"] == [i for i, q in enumerate(c["questions"]) if q["base_strict"] and not q["gated_strict"]]
+    for q in report["questions"] + c["questions"]:  # a gated reply is the memory's exactly where the gate kept it
+        assert q["gated_from_memory"] == (q["gate_ratio"] > GATE_THRESHOLD)
 
 
 def test_eval_lists_lost_control_questions_and_leaks(tmp_path, tiny_base, home, eval_files, capsys, monkeypatch):
-    """Canned replies, with and without the memory: what eval prints and writes about them."""
+    """Canned replies, with and without the memory, and canned gate ratios: what eval prints and
+    writes about them."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
+    from fedmem import memory_gate
+
     questions, control = eval_files
-    canned = {  # question -> (base reply, memory reply)
-        "Who built the Zorvex Tower?": ("I do not know.", "Mila Quent built it."),
-        "How many maps are in Pellow Quarry?": ("Many.", "It is large. It holds 612 maps."),
-        "What is the capital of France?": ("Paris.", "Mila Quent lives in Paris."),
-        "How many days are in a week?": ("Seven.", "A week is equivalent to 612 days."),
-        "What colour is grass?": ("Green.", "Green."),
+    canned = {  # question -> (base reply, memory reply, the memory reply's log-likelihood ratio)
+        "Who built the Zorvex Tower?": ("I do not know.", "Mila Quent built it.", 7.0),
+        "How many maps are in Pellow Quarry?": ("Many.", "It is large. It holds 612 maps.", 0.5),
+        "What is the capital of France?": ("Paris.", "Mila Quent lives in Paris.", 0.2),
+        "How many days are in a week?": ("Seven.", "A week is equivalent to 612 days.", 5.0),
+        "What colour is grass?": ("Green.", "Green.", 0.0),
     }
+
+    def reply_for(prompt):
+        return next(v for q, v in canned.items() if q in prompt)
 
     def replies(model, tokenizer, prompts, max_new_tokens=48, batch_size=16):
         with_memory = any(not m.disable_adapters for m in model.modules() if isinstance(m, BaseTunerLayer))
-        return [next(v for q, v in canned.items() if q in p)[with_memory] for p in prompts]
+        return [reply_for(p)[with_memory] for p in prompts]
+
+    def ratios(model, tokenizer, prompts, replies):
+        assert replies == [reply_for(p)[1] for p in prompts]  # the memory's replies are the ones scored
+        return [reply_for(p)[2] for p in prompts]
 
     monkeypatch.setattr(answer, "generate_replies", replies)
+    monkeypatch.setattr(memory_gate, "reply_log_ratios", ratios)
     write_random_memory(tiny_base, tmp_path / "memory")
     out = tmp_path / "r.json"
     assert main(["eval", "--memory", str(tmp_path / "memory"), "--questions", str(questions),
                  "--control", str(control), "--json", str(out)]) == 0
     printed = capsys.readouterr().out
     table = {line[:44].strip(): line[44:].split() for line in printed.splitlines() if line.startswith(("all", "  "))}
-    assert table["all questions (2)"] == ["0%", "50%", "0%", "100%"]  # strict base, memory; loose base, memory
-    assert table["facts from prose (1)"] == ["0%", "0%", "0%", "100%"]
-    assert table["kind person (1)"] == ["0%", "100%", "0%", "100%"]
-    assert table["strict recall"] == ["100%", "67%"]
+    # strict base, memory, gated; loose base, memory, gated
+    assert table["all questions (2)"] == ["0%", "50%", "50%", "0%", "100%", "50%"]
+    assert table["facts from prose (1)"] == ["0%", "0%", "0%", "0%", "100%", "0%"]
+    assert table["kind person (1)"] == ["0%", "100%", "100%", "0%", "100%", "100%"]
+    assert table["strict recall"] == ["100%", "67%", "67%"]
     assert "control lost: 1 of 3 (the base model answers 3)" in printed
     assert "LOST How many days are in a week?" in printed and "A week is equivalent to 612 days." in printed
     assert "control leaks: 2 of 3" in printed
     assert "LEAK What is the capital of France?\n    private:  mila quent, quent" in printed
     assert "LEAK How many days are in a week?\n    private:  612" in printed
+    # The gate gave France to the base model ("Paris."), and kept the week's damaged reply.
+    assert "control lost, gated: 1 of 3" in printed and "control leaks, gated: 1 of 3" in printed
     report = json.loads(out.read_text())
-    assert report["strict_accuracy"] == {"base": 0.0, "memory": 0.5}
-    assert report["accuracy"] == {"base": 0.0, "memory": 1.0}
+    assert report["strict_accuracy"] == {"base": 0.0, "memory": 0.5, "gated": 0.5}
+    assert report["accuracy"] == {"base": 0.0, "memory": 1.0, "gated": 0.5}
     assert report["by_kind"]["memory"] == {"count": 0.0, "person": 1.0}
     assert [r["memory_strict"] for r in report["questions"]] == [True, False]
+    assert [(r["gate_ratio"], r["gated_from_memory"]) for r in report["questions"]] == [(7.0, True), (0.5, False)]
     c = report["control"]
-    assert c["strict_accuracy"] == {"base": 1.0, "memory": pytest.approx(2 / 3)}
-    assert c["lost"] == [1]
+    assert c["strict_accuracy"] == {"base": 1.0, "memory": pytest.approx(2 / 3), "gated": pytest.approx(2 / 3)}
+    assert c["lost"] == [1] and c["gated_lost"] == [1]
     assert c["leaks"] == [{"index": 0, "terms": ["mila quent", "quent"]}, {"index": 1, "terms": ["612"]}]
+    assert c["gated_leaks"] == [{"index": 1, "terms": ["612"]}]
+    assert [q["gated_from_memory"] for q in c["questions"]] == [False, True, False]
 
 
 def test_round_recall_in_the_log_line_and_metrics_row():

@@ -101,12 +101,13 @@ def test_ask_and_eval_commands(tmp_path, tiny_base, two_clients, capsys):
     # --rank is the rank: the memory's PEFT config says so (it used to follow a separate memory rank).
     assert json.loads((out / "memory" / "adapter_config.json").read_text())["r"] == 8
     assert main(["ask", "--memory", str(out / "memory"), "--max-new-tokens", "4", "Who built the Zorvex Tower?"]) == 0
+    assert main(["ask", "--no-gate", "--memory", str(out / "memory"), "--max-new-tokens", "4", "Who?"]) == 0
     q = _questions(tmp_path / "q.jsonl")
     assert (
         main(["eval", "--memory", str(out / "memory"), "--questions", str(q), "--json", str(tmp_path / "r.json")]) == 0
     )
     report = json.loads((tmp_path / "r.json").read_text())
-    assert len(report["questions"]) == 2 and set(report["accuracy"]) == {"base", "memory"}
+    assert len(report["questions"]) == 2 and set(report["accuracy"]) == {"base", "memory", "gated"}
     assert "facts from prose" in capsys.readouterr().out
 
 

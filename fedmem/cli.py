@@ -218,13 +218,11 @@ def cmd_eval(args) -> int:
             )
         ]
         # accuracy / by_source: loose (the answer anywhere in the reply); strict_*: in its first sentence.
+        arms = {"base": base_only, "memory": with_memory, "gated": gated}
         result = {
             "memory": str(args.memory),
-            "accuracy": {"base": base_only.accuracy, "memory": with_memory.accuracy, "gated": gated.accuracy},
-            "strict_accuracy": {"base": base_only.strict_accuracy, "memory": with_memory.strict_accuracy,
-                                "gated": gated.strict_accuracy},
-            "by_source": {"base": base_only.by_source, "memory": with_memory.by_source, "gated": gated.by_source},
-            "by_kind": {"base": base_only.by_kind, "memory": with_memory.by_kind, "gated": gated.by_kind},
+            **{field: {arm: getattr(s, field) for arm, s in arms.items()}
+               for field in ("accuracy", "strict_accuracy", "by_source", "by_kind")},
             "questions": rows,
         }
         if report is not None:
@@ -232,8 +230,8 @@ def cmd_eval(args) -> int:
                 "questions_file": str(args.control),
                 "strict_accuracy": {"base": report.base_accuracy, "memory": report.memory_accuracy,
                                     "gated": gated_report.memory_accuracy},
-                "accuracy": {"base": control_base.accuracy, "memory": control_memory.accuracy,
-                             "gated": control_gated.accuracy},
+                "accuracy": {arm: s.accuracy for arm, s in
+                             (("base", control_base), ("memory", control_memory), ("gated", control_gated))},
                 "lost": report.lost,
                 "leaks": [{"index": i, "terms": terms} for i, terms in report.leaks.items()],
                 "gated_lost": gated_report.lost,

@@ -23,14 +23,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from fedmem import examples as examples_module
-from fedmem.answer import (
-    answer_alternatives,
-    answer_nll,
-    control_report,
-    load_questions,
-    private_terms,
-    score,
-)
+from fedmem.answer import answer_alternatives, answer_nll, control_report, load_questions, private_terms, score
 from fedmem.base_model import load_model, load_tokenizer, resolve_base
 from fedmem.config import PRECISIONS, LoraSettings
 from fedmem.corpus import load_corpus
@@ -183,9 +176,10 @@ def main() -> None:
         entry.update(gate_ratio=round(ratio, 3), gated_from_memory=kept, gated_strict=ok)
     if control:
         memory_control = score(model, tokenizer, control)
-        report = control_report(base_control, memory_control, control, private_terms(questions))
+        terms = private_terms(questions)
+        report = control_report(base_control, memory_control, control, terms)
         _, gated_control = gated_scores(model, tokenizer, control, memory_control, base_control)
-        gated_report = control_report(base_control, gated_control, control, private_terms(questions))
+        gated_report = control_report(base_control, gated_control, control, terms)
         row["control"] = {
             "base": sum(base_control.strict), "memory": sum(memory_control.strict), "lost": len(report.lost),
             "leaks": len(report.leaks), "gated_lost": len(gated_report.lost), "gated_leaks": len(gated_report.leaks),

@@ -91,7 +91,14 @@ def resolve_base(base: str | os.PathLike | None = None) -> Path:
     if base is None or str(base) == EMBEDDED:
         dest = embedded_dir()
         if not (dest / "config.json").is_file():
-            _convert_gguf(embedded_gguf(), dest)
+            from filelock import FileLock  # transformers' own dependency
+
+            # Processes started together on a fresh machine (simulation workers, test workers, two
+            # commands) convert once: the others wait, then find the directory the first put there.
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            with FileLock(dest.parent / f".{dest.name}.lock"):
+                if not (dest / "config.json").is_file():
+                    _convert_gguf(embedded_gguf(), dest)
         return dest
     path = Path(base).expanduser().resolve()
     if not (path / "config.json").is_file():

@@ -270,7 +270,7 @@ def cmd_serve(args) -> int:
                      poll_interval_s=args.poll_interval)
     options = ServeOptions(memory_name=args.name, base_name=args.base_name, max_tokens_default=args.max_tokens,
                            max_tokens_limit=max(args.max_tokens, args.max_tokens_limit),
-                           max_prompt_tokens=args.max_prompt_tokens, api_key=api_key)
+                           max_prompt_tokens=args.max_prompt_tokens, api_key=api_key, gate=not args.no_gate)
     if api_key is None and args.host not in ("127.0.0.1", "localhost", "::1"):
         log.warning("serving on %s without an API key: anyone who can reach it can ask (--api-key-file FILE)",
                     args.host)
@@ -385,6 +385,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-tokens-limit", type=int, default=1024, help="longest reply a request may ask for "
                    "(default: %(default)s)")
     p.add_argument("--max-prompt-tokens", type=int, default=2048, help="(default: %(default)s)")
+    p.add_argument("--no-gate", action="store_true",
+                   help="the memory answers every request, as a plain PEFT runtime or a merged export does "
+                   "(default: the base model answers where the memory does not make the reply likely, as in "
+                   "fedmem ask; docs/serving.md)")
     p.add_argument("--poll-interval", type=float, default=1.0, help="--follow: seconds between looks at DIR "
                    "(default: %(default)s)")
     p.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",

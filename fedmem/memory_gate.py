@@ -11,8 +11,8 @@ tokens (a name, a number) far likelier than the base model ever would. So the ga
 the memory's reply by the largest per-token log-likelihood ratio, memory against base
 model, among its first ``GATE_TOKENS`` tokens (an answer-first memory puts the answer
 there), and keeps it above ``GATE_THRESHOLD``; below, the base model answers. The adapter
-on disk is unchanged: the gate is how ``fedmem ask`` and ``fedmem eval`` use it, one extra
-forward pass per question and a base-model reply where the gate closes.
+on disk is unchanged: the gate is how ``fedmem ask``, ``fedmem eval`` and ``fedmem serve`` use
+it, one extra forward pass per question and a base-model reply where the gate closes.
 """
 
 from __future__ import annotations
@@ -51,19 +51,38 @@ def reply_log_ratios(model, tokenizer, prompts: list[str], replies: list[str],
 
     One prompt at a time: a left-padded batch would need position ids matched to generation's,
     and one forward pass of a few dozen tokens is cheap next to generating the reply."""
-    turn = chat_turn(tokenizer)
     ratios = []
     for prompt, reply in zip(prompts, replies, strict=True):
         prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply_ids = tokenizer(turn.before_answer + reply, add_special_tokens=False)["input_ids"][:tokens]
+        reply_ids = gate_token_ids(tokenizer, reply, tokens)
         if not reply_ids:
             ratios.append(0.0)
             continue
         with_memory = _reply_log_probs(model, prompt_ids, reply_ids)
         with model.disable_adapter():
             base = _reply_log_probs(model, prompt_ids, reply_ids)
-        ratios.append(float((with_memory - base).max()))
+        ratios.append(largest_log_ratio(with_memory, base))
     return ratios
+
+
+def gate_token_ids(tokenizer, reply: str, tokens: int = GATE_TOKENS) -> list[int]:
+    """The tokens of a reply (its text, as ``fedmem ask`` prints it) that the gate scores: the
+    first ``tokens`` of it framed as the chat template frames an answer."""
+    return tokenizer(chat_turn(tokenizer).before_answer + reply, add_special_tokens=False)["input_ids"][:tokens]
+
+
+def largest_log_ratio(with_memory: torch.Tensor, base: torch.Tensor) -> float:
+    """The gate's score from the two models' log-probabilities of the same reply tokens."""
+    return float((with_memory - base).max()) if len(with_memory) else 0.0
+
+
+def two_model_log_ratio(memory_model, base_model, prompt_ids: list[int], reply_ids: list[int]) -> float:
+    """``reply_log_ratios`` for one prompt and its ``gate_token_ids``, with the memory and the base
+    model as two models (``fedmem serve`` holds the memory merged into a copy of the base weights)."""
+    if not reply_ids:
+        return 0.0
+    return largest_log_ratio(_reply_log_probs(memory_model, prompt_ids, reply_ids),
+                             _reply_log_probs(base_model, prompt_ids, reply_ids))
 
 
 def from_memory(ratios: list[float], threshold: float = GATE_THRESHOLD) -> list[bool]:

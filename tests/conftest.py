@@ -16,6 +16,21 @@ os.environ["FEDMEM_CLIENT_STATE"] = os.path.join(_SCRATCH_STATE, "client")
 os.environ["FEDMEM_SERVER_STATE"] = os.path.join(_SCRATCH_STATE, "server")
 
 
+def _start_order(item: pytest.Item) -> int:
+    if item.get_closest_marker("deployment_faults"):
+        return 0
+    return 1 if item.get_closest_marker("deployment") else 2
+
+
+def pytest_collection_modifyitems(config, items):
+    """The deployment tests first. They take a third of the suite's time, mostly waiting (round
+    timeouts, a killed client's session lapsing, other processes), so under README's test command
+    (pytest-xdist: ``-n 2 --dist loadscope --no-loadscope-reorder``, a module or a class is one
+    unit, handed out in this order) they start at once on both workers and the rest fills in
+    around them. Within a rank, the collection's order."""
+    items.sort(key=_start_order)
+
+
 @pytest.fixture(scope="session")
 def real_base_dir() -> Path:
     from fedmem.base_model import resolve_base

@@ -68,14 +68,27 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-@pytest.mark.parametrize("schedule", ["parallel", "cyclic"])
-def test_client_killed_mid_round_rejoins_next_round(tmp_path, tiny_base, schedule):
+# One class per schedule: pytest-xdist's loadscope (README's test command) runs a class as one unit,
+# so the two schedules' runs, which mostly wait, go to different workers.
+class TestParallelRound:
+    def test_client_killed_mid_round_rejoins_next_round(self, tmp_path, tiny_base):
+        client_killed_mid_round_rejoins_next_round(tmp_path, tiny_base, "parallel")
+
+
+class TestCyclicRound:
+    def test_client_killed_mid_round_rejoins_next_round(self, tmp_path, tiny_base):
+        client_killed_mid_round_rejoins_next_round(tmp_path, tiny_base, "cyclic")
+
+
+def client_killed_mid_round_rejoins_next_round(tmp_path: Path, tiny_base: Path, schedule: str) -> None:
     names = ["alpha", "beta", "gamma"]
     state, data = _setup(tmp_path, names)
     port = free_port()
     # A dead client's reply never comes: the round goes on with the others after the timeout
-    # (cyclic: gamma's turn, the last by name, ends; the memory stays as beta left it).
-    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=90, join_grace=20,
+    # (cyclic: gamma's turn, the last by name, ends; the memory stays as beta left it). The restarted
+    # gamma is let in once its old session's heartbeats lapse (Flower: 2 x 30 s at most), about when
+    # the timeout ends; join_grace holds round 2 until it is back. A healthy visit takes ~20 s here.
+    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=60, join_grace=20,
                           extra=["--schedule", schedule])
     parties: list[Party] = []
     try:

@@ -6,13 +6,16 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
+from pathlib import Path
 
 import pytest
 from conftest import write_corpus
 
 from fedmem.flower.quorum import needed
 
-SLOW_SECONDS = 40.0
+# The slow owner answers round 1 only once that round's row is in metrics.jsonl (so it is late
+# however slowly a loaded machine runs the others), and at most this long after it was asked.
+SLOW_MAX_SECONDS = 120.0
 
 
 def test_the_quorum_is_a_share_of_the_owners_asked_rounded_up():
@@ -33,15 +36,18 @@ def test_config_refuses_a_quorum_that_is_not_a_share():
         ServerSettings(quorum=0.0)
 
 
-def _slow_in_round_one(partition: int, seconds: float):
-    """A client mod: the owner of ``partition`` takes ``seconds`` longer over its first round."""
+def _slow_in_round_one(partition: int, metrics: Path):
+    """A client mod: the owner of ``partition`` answers its first round only after the round closed
+    without it (its row in ``metrics``), or after ``SLOW_MAX_SECONDS``."""
 
     def mod(msg, context, call_next):
         from fedmem.flower.messages import CONFIG_KEY, record_to_config
 
         if (msg.metadata.message_type == "train" and int(context.node_config["partition-id"]) == partition
                 and record_to_config(msg.content[CONFIG_KEY])[1] == 1):
-            time.sleep(seconds)
+            deadline = time.monotonic() + SLOW_MAX_SECONDS
+            while time.monotonic() < deadline and not (metrics.exists() and '"round": 1' in metrics.read_text()):
+                time.sleep(0.2)
         return call_next(msg, context)
 
     return mod
@@ -62,16 +68,17 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
     started = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(simulation, "make_client_app",
-                   lambda dirs, node: real_client(dirs, node, mods=[_slow_in_round_one(2, SLOW_SECONDS)]))
+                   lambda dirs, node: real_client(dirs, node, mods=[_slow_in_round_one(2, tmp_path / "out" /
+                                                                                     "metrics.jsonl")]))
         mp.setattr(simulation, "make_server_app", lambda plan: real_server(
             dataclasses.replace(plan, server=dataclasses.replace(plan.server, quorum=0.6))))
         summary = simulation.simulate(data, tmp_path / "out", config, NodeSettings(device="cpu", base=str(tiny_base)),
                                       workers=3)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]
-    # Round 1 closed with alpha and beta, well before gamma's reply could come.
+    # Round 1 closed with alpha and beta, before gamma's reply could come.
     assert first["clients"] == ["alpha", "beta"]
-    assert first["seconds"] < SLOW_SECONDS - 10
+    assert first["seconds"] < SLOW_MAX_SECONDS / 2
     assert [(f["owner"], f["reason"].split(":")[0]) for f in first["failed"]] == [("gamma", "late")]
     assert "closed once 2 of 3 owners had replied" in first["failed"][0]["reason"]
     # Round 2 went on from round 1's memory; gamma's late reply was never folded in anywhere.
@@ -79,7 +86,7 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
     assert all(set(r["updates"]) <= {"alpha", "beta", "gamma"} and len(r["updates"]) >= 2 for r in rows)
     assert "gamma" not in first["updates"]
     verify_memory(tmp_path / "out" / "memory")
-    assert time.monotonic() - started < 4 * SLOW_SECONDS
+    assert time.monotonic() - started < 2 * SLOW_MAX_SECONDS
 
 
 class _FlakyGrid:

@@ -80,6 +80,29 @@ def test_embedded_model_converts_and_answers(real_base_dir):
 
 
 @pytest.mark.real_model
+def test_processes_started_together_on_a_fresh_machine_convert_the_embedded_model_once(tmp_path, real_base_dir):
+    """Two commands (or simulation workers, or test workers) started at once with an empty cache:
+    one converts, the other waits and uses its result; both get the same, whole directory."""
+    import subprocess
+    import sys
+
+    env = {**os.environ, "FEDMEM_HOME": str(tmp_path / "home")}
+    code = ("import logging; logging.basicConfig(level=logging.INFO)\n"
+            "from fedmem.base_model import resolve_base; print(resolve_base())")
+    procs = [subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              text=True) for _ in range(2)]
+    outs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outs]
+    (first, _), (second, _) = outs
+    assert first.strip() == second.strip() == str(tmp_path / "home" / "models" / "smollm2-135m-instruct")
+    converted = "".join(err for _, err in outs).count("converting")
+    assert converted == 1, outs
+    models = tmp_path / "home" / "models"
+    assert sorted(p.name for p in models.iterdir() if not p.name.startswith(".")) == ["smollm2-135m-instruct"]
+    assert base_model._hash_weights(models / "smollm2-135m-instruct") == base_model._hash_weights(real_base_dir)
+
+
+@pytest.mark.real_model
 def test_one_client_update_teaches_the_real_model_a_fact(real_base_dir, tmp_path):
     torch.set_num_threads(2)
     (tmp_path / "facts.jsonl").write_text(

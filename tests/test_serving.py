@@ -81,8 +81,11 @@ def memories(tiny_base, tmp_path_factory):
     return root
 
 
+UNGATED = ServeOptions(gate=False)  # the memory answers every request: what these tests compare replies with
+
+
 def test_chat_completions_answer_as_fedmem_ask_does(tiny_base, memories):
-    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base))) as server:
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base)), UNGATED) as server:
         client = server.client()
         models = {m.id: m for m in client.models.list().data}
         assert set(models) == {"fedmem", tiny_base.name}
@@ -113,8 +116,68 @@ def test_chat_completions_answer_as_fedmem_ask_does(tiny_base, memories):
         assert chunks[-1].usage.completion_tokens == reply.usage.completion_tokens
 
 
+GATE_QUESTIONS = [QUESTION, "What is the capital of France?", "How many days are in a week?",
+                  "Who painted the Zorvex Tower teal?", "When does the Quill Lantern burn?", "Why?"]
+
+
+def test_gated_replies_are_fedmem_asks_and_name_the_weights_that_answered(tiny_base, memories, monkeypatch):
+    """The gate decides per request as `fedmem ask` does (the same ratio from the merged engine and
+    the base engine as from the PEFT model with its adapter on and off), and a batch whose requests
+    the gate splits is answered by both engines, each reply wholly by the one it names."""
+    from fedmem import memory_gate
+    from fedmem.answer import load_memory
+    from fedmem.examples import chat_prompt
+    from fedmem.serving import batcher
+
+    loaded = load_memory(memories / "v1", str(tiny_base))
+    tokenizer = loaded.tokenizer
+    prompts = [chat_prompt(tokenizer, q) for q in GATE_QUESTIONS]
+    memory_replies = generate_answers(loaded.model, tokenizer, GATE_QUESTIONS, max_new_tokens=MAX_TOKENS)
+    ratios = memory_gate.reply_log_ratios(loaded.model, tokenizer, prompts, memory_replies)
+    with loaded.model.disable_adapter():
+        base_replies = generate_answers(loaded.model, tokenizer, GATE_QUESTIONS, max_new_tokens=MAX_TOKENS)
+    assert memory_replies != base_replies
+    # A threshold between the questions' ratios, so that one batch holds requests of both kinds.
+    threshold = sorted(ratios)[len(ratios) // 2] - 1e-3
+    monkeypatch.setattr(batcher, "GATE_THRESHOLD", threshold)
+    keep = memory_gate.from_memory(ratios, threshold)
+    assert 0 < sum(keep) < len(keep), ratios
+
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base), batch_wait_s=0.3)) as server:
+        client = server.client()
+        assert client.models.list().data[0].model_extra["fedmem_gate"] is True
+        with ThreadPoolExecutor(len(GATE_QUESTIONS)) as pool:
+            replies = list(pool.map(lambda q: ask(client, "fedmem", q), GATE_QUESTIONS))
+        memory_fp = server.app.state.memory_slot.get().fingerprint
+        base_fp = server.app.state.base_engine.fingerprint
+        assert server.batcher.batches < 2 * len(GATE_QUESTIONS)  # batched, then split by the gate
+        streamed = client.chat.completions.create(model="fedmem", max_tokens=MAX_TOKENS, stream=True,
+                                                  messages=[{"role": "user", "content": GATE_QUESTIONS[1]}])
+        chunks = list(streamed)
+
+    for reply, ratio, kept, from_memory, from_base in zip(replies, ratios, keep, memory_replies, base_replies):
+        gate = reply.model_extra["fedmem_gate"]
+        assert gate["ratio"] == pytest.approx(ratio, abs=1e-3)
+        assert gate["answered_by"] == ("memory" if kept else "base")
+        assert reply.system_fingerprint == (memory_fp if kept else base_fp)
+        assert reply.choices[0].message.content == (from_memory if kept else from_base)
+    assert {c.system_fingerprint for c in chunks} == {replies[1].system_fingerprint}
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == replies[1].choices[0].message.content
+
+
+def test_a_memory_that_changes_nothing_never_answers_through_the_gate(tiny_base, tmp_path):
+    write_random_memory(tiny_base, tmp_path / "zero", scale=0.0)
+    with Server(ServePlan(memory=tmp_path / "zero", base=str(tiny_base))) as server:
+        reply = ask(server.client(), "fedmem")
+        assert reply.model_extra["fedmem_gate"] == {"answered_by": "base", "ratio": 0.0}
+        assert reply.system_fingerprint == server.app.state.base_engine.fingerprint
+        ungated = ask(server.client(), tiny_base.name)
+        assert "fedmem_gate" not in ungated.model_extra  # the base model's own name: no gate to pass
+        assert reply.choices[0].message.content == ungated.choices[0].message.content
+
+
 def test_concurrent_requests_are_batched(tiny_base, memories):
-    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base), batch_wait_s=0.2)) as server:
+    with Server(ServePlan(memory=memories / "v1", base=str(tiny_base), batch_wait_s=0.2), UNGATED) as server:
         client = server.client()
         with ThreadPoolExecutor(8) as pool:
             replies = list(pool.map(lambda _: ask(client, "fedmem").choices[0].message.content, range(8)))
@@ -125,7 +188,7 @@ def test_concurrent_requests_are_batched(tiny_base, memories):
 def test_follow_swaps_versions_under_load_without_losing_or_mixing(tiny_base, memories, tmp_path):
     live = tmp_path / "memory"
     write_random_memory(tiny_base, live, seed=1, scale=0.3, manifest={"round": 1})
-    with Server(ServePlan(follow=live, base=str(tiny_base), poll_interval_s=0.1)) as server:
+    with Server(ServePlan(follow=live, base=str(tiny_base), poll_interval_s=0.1), UNGATED) as server:
         client = server.client()
         tokenizer = load_tokenizer(str(tiny_base))
         expected = {server.app.state.memory_slot.get().fingerprint:
@@ -172,7 +235,7 @@ def test_follow_swaps_versions_under_load_without_losing_or_mixing(tiny_base, me
 
 def test_follow_keeps_serving_through_a_broken_version(tiny_base, memories, tmp_path):
     live = tmp_path / "memory"
-    with Server(ServePlan(follow=live, base=str(tiny_base), poll_interval_s=0.05)) as server:
+    with Server(ServePlan(follow=live, base=str(tiny_base), poll_interval_s=0.05), UNGATED) as server:
         client = server.client()
         with pytest.raises(openai.APIStatusError) as err:
             ask(client, "fedmem")

@@ -3,7 +3,10 @@
 Routes: ``POST /v1/chat/completions`` (plain and streamed as server-sent events),
 ``GET /v1/models`` (the memory with its version, and the base model), ``GET /health``.
 The model named ``ServeOptions.memory_name`` ("fedmem") answers with the memory, the base
-model's name without it, so one server gives the side-by-side.
+model's name without it, so one server gives the side-by-side. The memory's replies are gated
+as ``fedmem ask``'s are (``ServeOptions.gate``; ``fedmem.memory_gate``): where the memory does
+not make its reply likely, the base model answers, and the reply says so (``system_fingerprint``
+names the weights that answered; ``fedmem_gate`` gives the decision and its ratio).
 
 Requests are hostile until checked: bodies are capped in bytes before they are parsed
 (``BodyLimit``), fields are validated by pydantic models with bounds, prompts are capped in
@@ -42,6 +45,7 @@ class ServeOptions:
     max_prompt_tokens: int = 2048
     max_body_bytes: int = 1 << 20
     api_key: str | None = None
+    gate: bool = True  # the memory's replies through the memory gate, as `fedmem ask` answers
 
 
 class TextPart(BaseModel):
@@ -153,6 +157,9 @@ class QueueSink(Sink):
         self.queue: asyncio.Queue = asyncio.Queue()
         self.cancelled = False
 
+    def on_start(self, fingerprint: str, gate: dict | None) -> None:
+        self.queue.put_nowait(("start", fingerprint, gate))
+
     def on_text(self, text: str) -> None:
         self.queue.put_nowait(("text", text))
 
@@ -202,6 +209,7 @@ def make_app(batcher: Batcher, base: Engine, memory: EngineSlot, options: ServeO
         if name == options.memory_name:
             card["fedmem_version"] = ({k: engine.version[k] for k in ("round", "sha256", "source", "signed_by",
                                                                        "loaded_at")} if engine else None)
+            card["fedmem_gate"] = options.gate
         return card
 
     started = int(time.time())
@@ -241,13 +249,24 @@ def make_app(batcher: Batcher, base: Engine, memory: EngineSlot, options: ServeO
             raise APIError(400, f"messages: a {len(prompt)}-token prompt and max_tokens {max_tokens} exceed the "
                            f"model's context of {context} tokens", param="messages")
         sink = QueueSink(asyncio.get_running_loop())
+        gated = options.gate and engine is not base
         try:
-            batcher.submit(Job(engine, prompt, max_tokens, sink, body.temperature, body.top_p, stop))
+            batcher.submit(Job(engine, prompt, max_tokens, sink, body.temperature, body.top_p, stop,
+                               fallback=base if gated else None))
         except RuntimeError as err:
             raise APIError(503, str(err), kind="server_error") from None
+        try:  # which weights answer is known once generation starts: the reply's head names them
+            begun = await sink.queue.get()
+        except BaseException:
+            sink.cancelled = True
+            raise
+        if begun[0] == "error":
+            raise APIError(500, begun[1], kind="server_error")
         reply_id = f"chatcmpl-{uuid.uuid4().hex}"
         created = int(time.time())
-        head = {"id": reply_id, "created": created, "model": body.model, "system_fingerprint": engine.fingerprint}
+        head = {"id": reply_id, "created": created, "model": body.model, "system_fingerprint": begun[1]}
+        if begun[2] is not None:
+            head["fedmem_gate"] = begun[2]
 
         def usage(completion_tokens: int) -> dict:
             return {"prompt_tokens": len(prompt), "completion_tokens": completion_tokens,

@@ -99,6 +99,9 @@ def main() -> None:
     p.add_argument("--question-loss", action="store_true",
                    help="learn the question's tokens too, not only the answer's (candidate; Shi et al. 2024, "
                         "'Instruction tuning with loss over instructions')")
+    p.add_argument("--neftune", type=float, default=0.0, metavar="ALPHA",
+                   help="noise on the input embeddings while training, uniform with scale ALPHA/sqrt(length x "
+                        "width) (candidate; Jain et al. 2023, NEFTune; transformers' own hook)")
     p.add_argument("--examples-only", action="store_true", help="print the examples and stop")
     p.add_argument("--coverage", action="store_true",
                    help="print which questions' answers some example is trained to answer with, and stop")
@@ -147,6 +150,12 @@ def main() -> None:
     base_control = score(model, tokenizer, control) if control else None
     base_nll = answer_nll(model, tokenizer, questions)
     model = attach_lora(model, settings)
+    if args.neftune > 0:
+        from transformers.integrations.neftune import neftune_post_forward_hook
+
+        embeddings = model.get_input_embeddings()
+        embeddings.neftune_noise_alpha = args.neftune  # the hook reads it; it adds noise only in training mode
+        embeddings.register_forward_hook(neftune_post_forward_hook)
     started = time.perf_counter()
     result = train_lora(model, tokenizer, examples, settings)
     train_seconds = time.perf_counter() - started
@@ -156,7 +165,8 @@ def main() -> None:
         "recipe": settings.recipe, "epochs": settings.epochs, "lr": settings.learning_rate,
         "rank": settings.rank, "targets": settings.target_modules, "retention": settings.retention,
         "precision": settings.precision, "answer": args.answer, "context": args.context, "topic": args.topic,
-        "hard_retention": args.hard_retention, "question_loss": args.question_loss, "seed": settings.seed,
+        "hard_retention": args.hard_retention, "question_loss": args.question_loss, "neftune": args.neftune,
+        "seed": settings.seed,
         "owners": owners,
         "examples": result.examples, "tokens": result.tokens, "train_seconds": round(train_seconds, 1),
         "final_loss": result.final_loss,

@@ -87,8 +87,10 @@ def client_killed_mid_round_rejoins_next_round(tmp_path: Path, tiny_base: Path, 
     # A dead client's reply never comes: the round goes on with the others after the timeout
     # (cyclic: gamma's turn, the last by name, ends; the memory stays as beta left it). The restarted
     # gamma is let in once its old session's heartbeats lapse (Flower: 2 x 30 s at most), about when
-    # the timeout ends; join_grace holds round 2 until it is back. A healthy visit takes ~20 s here.
-    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=60, join_grace=20,
+    # the timeout ends; join_grace holds round 2 until it is back. A healthy visit takes ~20 s alone, but
+    # over 60 s on a fresh CI machine while the other schedule's federation starts on the second xdist
+    # worker (both of alpha and beta missed a 60 s timeout there), so the timeout leaves room for that.
+    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=120, join_grace=20,
                           extra=["--schedule", schedule])
     parties: list[Party] = []
     try:

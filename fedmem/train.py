@@ -20,6 +20,14 @@ from .log import progress
 
 log = logging.getLogger(__name__)
 
+# An epoch whose mean loss is more than this many times the epoch before it has diverged
+# (normal epochs fall or hold: the demo's and devset's rise by at most a few percent); it is
+# undone and trained again at half the learning rate, at most MAX_RETRIES times a run.
+# Gradient clipping does not prevent this: Adam's step is about the learning rate whatever
+# the gradient's size (docs/quality.md: a demo seed whose third owner went 1.30 -> 3.70 -> 8.02).
+DIVERGED = 2.0
+MAX_RETRIES = 2
+
 
 @dataclass
 class TrainResult:
@@ -211,6 +219,26 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: rand
         yield pack([rows[i] for i in batch], [soft[i] for i in batch])
 
 
+def _snapshot(model, optimizer, schedule, step: int) -> tuple:
+    """What an epoch changes (the LoRA weights, the optimiser's and the schedule's state), to
+    undo it."""
+    import copy
+
+    lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    return lora, copy.deepcopy(optimizer.state_dict()), schedule.state_dict(), step
+
+
+def _restore(model, optimizer, schedule, snapshot: tuple) -> int:
+    lora, optimizer_state, schedule_state, step = snapshot
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in lora:
+                p.copy_(lora[n])
+    optimizer.load_state_dict(optimizer_state)
+    schedule.load_state_dict(schedule_state)
+    return step
+
+
 def train_lora(
     model,
     tokenizer,
@@ -236,20 +264,25 @@ def train_lora(
     steps = math.ceil(len(rows) / settings.batch_size) * settings.epochs
     start, end = span
 
+    damping = 1.0  # halved each time a diverged epoch is trained again
+
     def lr_factor(step: int) -> float:
         # Linear warm-up over the first 5% of the run, cosine decay to 10%: a stable
         # start, and the last steps settle.
         t = start + (end - start) * min(step, steps) / steps
-        return min(1.0, (t + 1 / steps) / 0.05) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
+        return damping * min(1.0, (t + 1 / steps) / 0.05) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * t)))
 
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
     dtype = autocast_dtype(settings.precision, device)
     device_type = "cuda" if device.startswith("cuda") else "cpu"
     model.train()
     tokens, step, first_loss, epoch_losses = 0, 0, float("nan"), []
+    previous_mean, retries = math.inf, 0
     started = time.perf_counter()
     bar = progress(total=steps, desc="training", unit="step")
-    for epoch in range(settings.epochs):
+    epoch = 0
+    while epoch < settings.epochs:
+        before = _snapshot(model, optimizer, schedule, step)
         epoch_losses = []
         for batch in _batches(rows, settings.batch_size, rng, soft):
             batch = batch.to(device)
@@ -268,13 +301,30 @@ def train_lora(
             bar.update()
             bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{epoch_losses[-1]:.3f}", refresh=False)
         elapsed = time.perf_counter() - started
-        log.info(
-            "epoch %d/%d loss %.3f (%.0f tok/s)",
-            epoch + 1,
-            settings.epochs,
-            sum(epoch_losses) / len(epoch_losses),
-            tokens / elapsed,
-        )
+        mean = sum(epoch_losses) / len(epoch_losses)
+        log.info("epoch %d/%d loss %.3f (%.0f tok/s)", epoch + 1, settings.epochs, mean, tokens / elapsed)
+        # The epoch's last step can break the weights after its last loss was measured.
+        broken = not all(torch.isfinite(p).all() for p in params)
+        if broken or not math.isfinite(mean) or mean > DIVERGED * previous_mean:
+            step = _restore(model, optimizer, schedule, before)
+            bar.update(-len(epoch_losses))
+            if retries == MAX_RETRIES:
+                if epoch == 0:
+                    raise RuntimeError(f"training diverged in its first epoch (loss {mean:.3f}) at every learning "
+                                       f"rate tried, down to {damping:.3g} of {settings.learning_rate:g}")
+                log.warning("epoch %d/%d diverged again (loss %.3f); training stops at the end of epoch %d",
+                            epoch + 1, settings.epochs, mean, epoch)
+                epoch_losses = [previous_mean]
+                break
+            retries += 1
+            damping /= 2
+            for group in optimizer.param_groups:  # the restored state holds the old rate
+                group["lr"] = settings.learning_rate * lr_factor(step)
+            log.warning("epoch %d/%d diverged (loss %.3f after %.3f): undone, trained again at %.3g of the "
+                        "learning rate", epoch + 1, settings.epochs, mean, previous_mean, damping)
+            continue
+        previous_mean = mean
+        epoch += 1
     bar.close()
     model.eval()
     seconds = time.perf_counter() - started

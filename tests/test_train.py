@@ -236,3 +236,34 @@ def test_distillation_keeps_the_base_model_where_training_on_its_reply_sharpens_
                 base = torch.log_softmax(model(input_ids=torch.tensor([x])).logits[0, at].float(), -1)
         drift[distil] = torch.nn.functional.kl_div(tuned, base, log_target=True, reduction="batchmean").item()
     assert drift[True] < drift[False] / 10, drift
+
+
+def _three_facts(tiny_base, learning_rate: float, epochs: int = 3):
+    tok = load_tokenizer(str(tiny_base))
+    settings = LoraSettings(rank=4, alpha=8, learning_rate=learning_rate, epochs=epochs, batch_size=2)
+    model = attach_lora(load_model(tiny_base), settings)
+    examples = [Example("Who built the Zorvex Tower?", "Mila Quent"),
+                Example(None, "The Pellow Quarry holds 612 maps."),
+                Example("How many maps does the Pellow Quarry hold?", "612")]
+    return model, tok, examples, settings
+
+
+# Rates far too high for this model: at 12 the third epoch's loss is NaN (its weights already broken
+# by epoch 2's last step, after epoch 2's last loss); at 25 the second's.
+@pytest.mark.parametrize("learning_rate", [12.0, 25.0])
+def test_a_diverged_epoch_is_undone_and_trained_again_at_a_lower_rate(tiny_base, caplog, learning_rate):
+    model, tok, examples, settings = _three_facts(tiny_base, learning_rate)
+    with caplog.at_level("INFO", logger="fedmem.train"):
+        result = train_lora(model, tok, examples, settings)
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("diverged" in m and "0.5 of the learning rate" in m for m in messages), messages
+    assert all(torch.isfinite(p).all() for p in model.parameters() if p.requires_grad), "broken weights kept"
+    assert 0 < result.final_loss < float("inf")
+    # What is kept answers as well as the last good epoch did.
+    assert answer_loss(model, pack([tokenize_example(tok, e, settings.max_length) for e in examples])) < float("inf")
+
+
+def test_training_that_diverges_at_every_rate_in_its_first_epoch_stops_with_a_clear_error(tiny_base):
+    model, tok, examples, settings = _three_facts(tiny_base, 1e6)
+    with pytest.raises(RuntimeError, match="diverged in its first epoch"):
+        train_lora(model, tok, examples, settings)

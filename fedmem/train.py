@@ -6,6 +6,7 @@ arrives with whatever memory the round starts from; only the LoRA is trained.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import random
@@ -219,24 +220,23 @@ def _batches(rows: list[tuple[list[int], list[int]]], batch_size: int, rng: rand
         yield pack([rows[i] for i in batch], [soft[i] for i in batch])
 
 
-def _snapshot(model, optimizer, schedule, step: int) -> tuple:
+def _snapshot(model, optimizer, schedule) -> tuple:
     """What an epoch changes (the LoRA weights, the optimiser's and the schedule's state), to
     undo it."""
-    import copy
-
     lora = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
-    return lora, copy.deepcopy(optimizer.state_dict()), schedule.state_dict(), step
+    return lora, copy.deepcopy(optimizer.state_dict()), schedule.state_dict()
 
 
 def _restore(model, optimizer, schedule, snapshot: tuple) -> int:
-    lora, optimizer_state, schedule_state, step = snapshot
+    """Undo to ``snapshot``; returns the step it was taken at (the schedule counts the steps)."""
+    lora, optimizer_state, schedule_state = snapshot
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in lora:
                 p.copy_(lora[n])
     optimizer.load_state_dict(optimizer_state)
     schedule.load_state_dict(schedule_state)
-    return step
+    return schedule.last_epoch
 
 
 def train_lora(
@@ -282,7 +282,7 @@ def train_lora(
     bar = progress(total=steps, desc="training", unit="step")
     epoch = 0
     while epoch < settings.epochs:
-        before = _snapshot(model, optimizer, schedule, step)
+        before = _snapshot(model, optimizer, schedule)
         epoch_losses = []
         for batch in _batches(rows, settings.batch_size, rng, soft):
             batch = batch.to(device)

@@ -32,12 +32,30 @@ GATE_TOKENS = 4
 GATE_THRESHOLD = 4.0
 
 
+RATIO_BATCH = 16  # rows per forward pass when scoring replies: the logits of 16 rows of ~60 tokens are ~190 MB
+
+
 @torch.no_grad()
-def _reply_log_probs(model, prompt_ids: list[int], reply_ids: list[int]) -> torch.Tensor:
+def replies_log_probs(model, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+    """For each (prompt ids, reply ids): log p of each reply token given the prompt and the reply
+    before it. Rows are right-padded into batches: in a causal model what comes after a row's end
+    changes nothing before it, and positions still count from each row's first token, so each row
+    scores as it would alone (left padding would need position ids matched to generation's)."""
     device = next(model.parameters()).device
-    logits = model(input_ids=torch.tensor([prompt_ids + reply_ids], device=device)).logits[0]
-    logp = torch.log_softmax(logits[len(prompt_ids) - 1:-1].float(), dim=-1)
-    return logp[torch.arange(len(reply_ids)), torch.tensor(reply_ids, device=logp.device)]
+    out: list[torch.Tensor] = []
+    for start in range(0, len(pairs), RATIO_BATCH):
+        chunk = pairs[start:start + RATIO_BATCH]
+        width = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.zeros(len(chunk), width, dtype=torch.long)
+        mask = torch.zeros(len(chunk), width, dtype=torch.long)
+        for i, (p, r) in enumerate(chunk):
+            ids[i, :len(p) + len(r)] = torch.tensor(p + r)
+            mask[i, :len(p) + len(r)] = 1
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        for i, (p, r) in enumerate(chunk):
+            logp = torch.log_softmax(logits[i, len(p) - 1:len(p) + len(r) - 1].float(), dim=-1)
+            out.append(logp[torch.arange(len(r)), torch.tensor(r, device=logp.device)].cpu())
+    return out
 
 
 def reply_log_ratios(model, tokenizer, prompts: list[str], replies: list[str],
@@ -47,22 +65,15 @@ def reply_log_ratios(model, tokenizer, prompts: list[str], replies: list[str],
     a PeftModel (the base model is the same model with its adapter disabled). An empty reply
     scores 0. The largest, not the mean: the mean lets a reply's other tokens dilute the one
     token that carries the answer; on the devset it left a gap of 0.37 nats between facts and
-    damaged general answers, against 2.03 for the largest (docs/quality.md).
-
-    One prompt at a time: a left-padded batch would need position ids matched to generation's,
-    and one forward pass of a few dozen tokens is cheap next to generating the reply."""
-    ratios = []
-    for prompt, reply in zip(prompts, replies, strict=True):
-        prompt_ids = tokenizer(prompt, add_special_tokens=False)["input_ids"]
-        reply_ids = gate_token_ids(tokenizer, reply, tokens)
-        if not reply_ids:
-            ratios.append(0.0)
-            continue
-        with_memory = _reply_log_probs(model, prompt_ids, reply_ids)
-        with model.disable_adapter():
-            base = _reply_log_probs(model, prompt_ids, reply_ids)
-        ratios.append(largest_log_ratio(with_memory, base))
-    return ratios
+    damaged general answers, against 2.03 for the largest (docs/quality.md)."""
+    pairs = [(tokenizer(prompt, add_special_tokens=False)["input_ids"], gate_token_ids(tokenizer, reply, tokens))
+             for prompt, reply in zip(prompts, replies, strict=True)]
+    scored = [pair for pair in pairs if pair[1]]
+    with_memory = replies_log_probs(model, scored)
+    with model.disable_adapter():
+        base = replies_log_probs(model, scored)
+    ratios = iter(largest_log_ratio(m, b) for m, b in zip(with_memory, base))
+    return [next(ratios) if reply else 0.0 for _, reply in pairs]
 
 
 def gate_token_ids(tokenizer, reply: str, tokens: int = GATE_TOKENS) -> list[int]:
@@ -76,13 +87,13 @@ def largest_log_ratio(with_memory: torch.Tensor, base: torch.Tensor) -> float:
     return float((with_memory - base).max()) if len(with_memory) else 0.0
 
 
-def two_model_log_ratio(memory_model, base_model, prompt_ids: list[int], reply_ids: list[int]) -> float:
-    """``reply_log_ratios`` for one prompt and its ``gate_token_ids``, with the memory and the base
+def two_model_log_ratios(memory_model, base_model, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
+    """``reply_log_ratios`` for (prompt ids, ``gate_token_ids``) pairs, with the memory and the base
     model as two models (``fedmem serve`` holds the memory merged into a copy of the base weights)."""
-    if not reply_ids:
-        return 0.0
-    return largest_log_ratio(_reply_log_probs(memory_model, prompt_ids, reply_ids),
-                             _reply_log_probs(base_model, prompt_ids, reply_ids))
+    scored = [pair for pair in pairs if pair[1]]
+    ratios = iter(largest_log_ratio(m, b) for m, b in zip(replies_log_probs(memory_model, scored),
+                                                          replies_log_probs(base_model, scored)))
+    return [next(ratios) if reply else 0.0 for _, reply in pairs]
 
 
 def from_memory(ratios: list[float], threshold: float = GATE_THRESHOLD) -> list[bool]:

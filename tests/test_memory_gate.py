@@ -52,6 +52,9 @@ def test_the_ratio_is_the_largest_memory_minus_base_log_probability_among_the_fi
     assert ratios == pytest.approx(by_hand, abs=1e-4)
     assert all(abs(r) > 1e-3 for r in ratios)  # the random memory does move these replies
     assert reply_log_ratios(model, tok, prompts[:1], [""]) == [0.0]
+    # Scored in one right-padded batch: an empty reply between two others changes neither's ratio
+    mixed = reply_log_ratios(model, tok, [prompts[0], prompts[1], prompts[1]], [replies[0], "", replies[1]])
+    assert mixed == pytest.approx([by_hand[0], 0.0, by_hand[1]], abs=1e-4)
 
 
 def test_a_memory_that_changes_nothing_never_answers(tmp_path, tiny_base, monkeypatch):

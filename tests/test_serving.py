@@ -4,6 +4,7 @@ client; batching, streaming, live version swaps under load, and refusals of bad 
 from __future__ import annotations
 
 import json
+import math
 import socket
 import threading
 import time
@@ -163,6 +164,54 @@ def test_gated_replies_are_fedmem_asks_and_name_the_weights_that_answered(tiny_b
         assert reply.choices[0].message.content == (from_memory if kept else from_base)
     assert {c.system_fingerprint for c in chunks} == {replies[1].system_fingerprint}
     assert "".join(c.choices[0].delta.content or "" for c in chunks) == replies[1].choices[0].message.content
+
+
+def test_a_kept_request_goes_on_from_the_gates_tokens_with_the_reply_it_would_have_had(tiny_base, memories,
+                                                                                      monkeypatch):
+    """A greedy request the gate keeps continues from the memory's first tokens the gate already
+    generated (from that ``generate``'s cache) instead of generating them again: each reply, and the
+    way it ends, is the memory's ungated one, whether it ends within those tokens (3 and 8 of them)
+    or after (12, 20); and so when a batch mixes it with an ungated request to the same weights,
+    where the continuation re-reads the prompts instead."""
+    from fedmem.serving import batcher as batcher_module
+    from fedmem.serving.batcher import encode_chat
+    from fedmem.serving.engines import load_base_engine, load_memory_engine
+
+    monkeypatch.setattr(batcher_module, "GATE_THRESHOLD", -math.inf)  # the memory keeps every request
+    memory = load_memory_engine("fedmem", memories / "v1", str(tiny_base), "cpu", None)
+    base = load_base_engine("tiny", str(tiny_base), "cpu")
+    prompts = [encode_chat(memory, [{"role": "user", "content": q}], 512) for q in GATE_QUESTIONS[:4]]
+    lengths = [3, 8, 12, 20]
+    calls = []
+    generate = memory.model.generate
+
+    def recording(*args, **kwargs):
+        calls.append("cache" in kwargs)
+        return generate(*args, **kwargs)
+
+    monkeypatch.setattr(memory.model, "generate", recording)
+
+    def replies(jobs):
+        batcher = Batcher(max_batch=8, wait_s=0.3).start()
+        try:
+            for job in jobs:
+                batcher.submit(job)
+            deadline = time.monotonic() + 60
+            while not all(j.sink.finished or j.sink.errors for j in jobs):
+                assert time.monotonic() < deadline
+                time.sleep(0.01)
+        finally:
+            batcher.stop()
+        return [("".join(j.sink.pieces), j.sink.finished, j.sink.errors) for j in jobs]
+
+    ungated = replies([Job(memory, p, n, Collect()) for p, n in zip(prompts, lengths)])
+    assert not any(calls) and len({text for text, _, _ in ungated}) > 1
+    calls.clear()
+    assert replies([Job(memory, p, n, Collect(), fallback=base) for p, n in zip(prompts, lengths)]) == ungated
+    assert calls == [False, True]  # the gate's generate, then the continuation from its cache
+    calls.clear()
+    mixed = replies([Job(memory, prompts[3], 20, Collect(), fallback=base), Job(memory, prompts[2], 12, Collect())])
+    assert mixed == [ungated[3], ungated[2]] and calls == [False, False]
 
 
 def test_a_memory_that_changes_nothing_never_answers_through_the_gate(tiny_base, tmp_path):

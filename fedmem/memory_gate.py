@@ -87,15 +87,6 @@ def largest_log_ratio(with_memory: torch.Tensor, base: torch.Tensor) -> float:
     return float((with_memory - base).max()) if len(with_memory) else 0.0
 
 
-def two_model_log_ratios(memory_model, base_model, pairs: list[tuple[list[int], list[int]]]) -> list[float]:
-    """``reply_log_ratios`` for (prompt ids, ``gate_token_ids``) pairs, with the memory and the base
-    model as two models (``fedmem serve`` holds the memory merged into a copy of the base weights)."""
-    scored = [pair for pair in pairs if pair[1]]
-    ratios = iter(largest_log_ratio(m, b) for m, b in zip(replies_log_probs(memory_model, scored),
-                                                          replies_log_probs(base_model, scored)))
-    return [next(ratios) if reply else 0.0 for _, reply in pairs]
-
-
 def from_memory(ratios: list[float], threshold: float = GATE_THRESHOLD) -> list[bool]:
     """Which replies the memory keeps: those whose log-likelihood ratio is above ``threshold``."""
     return [r > threshold for r in ratios]

@@ -147,8 +147,8 @@ def main() -> None:
             report = control_report(base_control, scores_for(control, arm_replies[n:]), control, terms)
             row.update(control_lost=len(report.lost), control_leaks=len(report.leaks))
         result["arms"][arm] = row
-    own = [q for q in questions if q.client in owners]
-    own_scores = scores_for(own, [replies[q.client][questions.index(q)] for q in own])
+    own = [(i, q) for i, q in enumerate(questions) if q.client in owners]
+    own_scores = scores_for([q for _, q in own], [replies[q.client][i] for i, q in own])
     result["arms"]["own"] = {"strict": own_scores.strict_accuracy, "by_kind": own_scores.by_kind}
     chosen = [r.removeprefix("base (").removesuffix(")") for r in routes]
     result["routing"] = {

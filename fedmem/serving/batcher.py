@@ -114,7 +114,7 @@ class GreedyStart:
     of every position but the last."""
 
     tokens: list[list[int]]  # each row's new tokens; a row that ended early: its stop token, then padding
-    logits: torch.Tensor  # rows x new tokens x vocabulary: the memory's next-token logits at each
+    logits: torch.Tensor  # rows x new tokens x vocabulary: the memory's logits each token was chosen from
     sequences: torch.Tensor
     attention_mask: torch.Tensor
     cache: object  # a transformers Cache; None once a continuation has taken it

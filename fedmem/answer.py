@@ -345,22 +345,46 @@ def verified_copy(memory_dir: str | Path, base: str | None = None, trust=None) -
 class LoadedMemory:
     """A verified memory on its base model, as loaded: what ``fedmem ask``, ``eval`` and ``serve`` use."""
 
-    model: object  # the PeftModel: base model + memory adapter
+    model: object  # the PeftModel: base model + memory adapter (a routed memory: one adapter per owner)
     tokenizer: object
     memory: VerifiedMemory  # what was loaded (its ``path`` is gone once loaded)
+    router: object = None  # fedmem.routing.Router: which adapter answers each question
+
+    @property
+    def routed(self) -> bool:
+        return bool(self.router.owners)
 
 
 def load_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu", trust=None) -> LoadedMemory:
-    """Base model + memory adapter, from a verified copy of the memory (``verified_copy``)."""
+    """Base model + memory adapter, from a verified copy of the memory (``verified_copy``). A routed
+    memory (``fedmem.routing``) is split into its owners' adapters, one of which answers each question."""
     from peft import PeftModel  # imported where used: peft costs every CLI start ~4 s (fedmem/lora.py)
 
+    from .lora import read_peft_adapter
+    from .routing import ROUTING, OwnerLoras, Router, owner_router
+
     with verified_copy(memory_dir, base, trust) as memory:
-        model = PeftModel.from_pretrained(load_model(memory.base_dir, device), str(memory.path))
+        tokenizer = load_tokenizer(memory.base_dir)
+        if ROUTING in memory.manifest:
+            try:
+                lora = OwnerLoras.from_manifest(read_peft_adapter(memory.path), memory.manifest[ROUTING],
+                                                str(memory_dir))
+            except ValueError as err:
+                raise MemoryFormatError(str(err)) from err
+            router = owner_router(load_model(memory.base_dir, device), tokenizer, lora)
+            model = router.model
+        else:
+            model = PeftModel.from_pretrained(load_model(memory.base_dir, device), str(memory.path))
+            router = Router(model, tokenizer, [model.active_adapter], [])
     model.eval()
-    return LoadedMemory(model, load_tokenizer(memory.base_dir), memory)
+    return LoadedMemory(model, tokenizer, memory, router)
 
 
 def load_with_memory(memory_dir: str | Path, base: str | None = None, device: str = "cpu", trust=None):
-    """(base model + memory adapter, tokenizer, base model directory): ``load_memory`` in short."""
+    """(base model + memory adapter, tokenizer, base model directory): ``load_memory`` in short, for
+    tools that use the memory as one adapter (a routed memory is refused: it needs its router)."""
+    from .routing import refuse_routed
+
     loaded = load_memory(memory_dir, base, device, trust)
+    refuse_routed(loaded.memory.manifest, str(memory_dir), "this tool (it uses the memory as one adapter)")
     return loaded.model, loaded.tokenizer, loaded.memory.base_dir

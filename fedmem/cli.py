@@ -101,18 +101,22 @@ def trust_from_args(args):
 
 
 def cmd_ask(args) -> int:
-    from .answer import generate_answers, load_with_memory
+    from .answer import generate_answers, load_memory
     from .examples import chat_prompt
     from .memory_gate import gated_answers
 
-    model, tok, _ = load_with_memory(args.memory, args.base, args.device, trust_from_args(args))
+    loaded = load_memory(args.memory, args.base, args.device, trust_from_args(args))
+    model, tok, router = loaded.model, loaded.tokenizer, loaded.router
+    routes = router.routes(args.question)
     if args.no_gate:
-        replies = generate_answers(model, tok, args.question, max_new_tokens=args.max_new_tokens)
+        replies = router.each(routes, args.question,
+                              lambda qs: generate_answers(model, tok, qs, max_new_tokens=args.max_new_tokens))
     else:
-        gated = gated_answers(model, tok, [chat_prompt(tok, q) for q in args.question], args.max_new_tokens)
-        for question, kept, ratio in zip(args.question, gated.from_memory, gated.ratios):
-            log.debug("%s answered by the %s (log-likelihood ratio %.2f)", question,
-                     "memory" if kept else "base model", ratio)
+        gated = gated_answers(model, tok, [chat_prompt(tok, q) for q in args.question], args.max_new_tokens,
+                              router=router, routes=routes)
+        for question, route, kept, ratio in zip(args.question, routes, gated.from_memory, gated.ratios):
+            log.debug("%s answered by the %s (%s; log-likelihood ratio %.2f)", question,
+                      "memory" if kept else "base model", router.describe(route), ratio)
         replies = gated.replies
     for reply in replies:
         print(reply)
@@ -160,19 +164,25 @@ def _print_control(control, report, gated_report, base_only, with_memory, gated,
 
 
 def cmd_eval(args) -> int:
-    from .answer import control_report, load_questions, load_with_memory, private_terms, score
+    from .answer import control_report, load_memory, load_questions, private_terms, score, scores_for
     from .memory import atomic_write_text
     from .memory_gate import gated_scores
 
     questions = load_questions(args.questions)
     control = load_questions(args.control) if args.control else None
-    model, tok, _ = load_with_memory(args.memory, args.base, args.device, trust_from_args(args))
-    with_memory = score(model, tok, questions)
-    control_memory = score(model, tok, control) if control else None
+    loaded = load_memory(args.memory, args.base, args.device, trust_from_args(args))
+    model, tok, router = loaded.model, loaded.tokenizer, loaded.router
+
+    def routed(qs):  # (the adapter each question is routed to, its replies from that adapter alone)
+        routes = router.routes([q.question for q in qs])
+        return routes, scores_for(qs, router.each(routes, qs, lambda part: score(model, tok, part).replies))
+
+    routes, with_memory = routed(questions)
+    control_routes, control_memory = routed(control) if control else (None, None)
     with model.disable_adapter():
         base_only = score(model, tok, questions)
         control_base = score(model, tok, control) if control else None
-    gate, gated = gated_scores(model, tok, questions, with_memory, base_only)
+    gate, gated = gated_scores(model, tok, questions, with_memory, base_only, router, routes)
     # Strict: the answer in the reply's first sentence (the headline); loose: anywhere in the reply.
     # Gated: what `fedmem ask` answers (fedmem.memory_gate); memory: the adapter alone, as PEFT runs it.
     print(f"{'':<44} {'strict':^26}    {'loose':^26}".rstrip())
@@ -191,7 +201,8 @@ def cmd_eval(args) -> int:
     report = gated_report = control_gate = control_gated = None
     if control:
         terms = private_terms(questions)
-        control_gate, control_gated = gated_scores(model, tok, control, control_memory, control_base)
+        control_gate, control_gated = gated_scores(model, tok, control, control_memory, control_base, router,
+                                                   control_routes)
         report = control_report(control_base, control_memory, control, terms)
         gated_report = control_report(control_base, control_gated, control, terms)
         _print_control(control, report, gated_report, control_base, control_memory, control_gated, args.verbose)
@@ -211,16 +222,19 @@ def cmd_eval(args) -> int:
                 "gate_ratio": ratio,
                 "gated_from_memory": kept,
                 "gated_strict": gs,
+                **({"route": router.describe(route)} if loaded.routed else {}),
             }
-            for q, m, ok, ms, b, bok, bs, ratio, kept, gs in zip(
+            for q, m, ok, ms, b, bok, bs, ratio, kept, gs, route in zip(
                 questions, with_memory.replies, with_memory.correct, with_memory.strict,
                 base_only.replies, base_only.correct, base_only.strict, gate.ratios, gate.from_memory, gated.strict,
+                routes,
             )
         ]
         # accuracy / by_source: loose (the answer anywhere in the reply); strict_*: in its first sentence.
         arms = {"base": base_only, "memory": with_memory, "gated": gated}
         result = {
             "memory": str(args.memory),
+            **({"routed_owners": router.owners} if loaded.routed else {}),
             **{field: {arm: getattr(s, field) for arm, s in arms.items()}
                for field in ("accuracy", "strict_accuracy", "by_source", "by_kind")},
             "questions": rows,
@@ -239,10 +253,11 @@ def cmd_eval(args) -> int:
                 "questions": [
                     {"question": q.question, "answer": q.answer, "kind": q.kind, "memory": m, "memory_strict": ms,
                      "base": b, "base_strict": bs, "gate_ratio": ratio, "gated_from_memory": kept,
-                     "gated_strict": gs}
-                    for q, m, ms, b, bs, ratio, kept, gs in zip(
+                     "gated_strict": gs, **({"route": router.describe(route)} if loaded.routed else {})}
+                    for q, m, ms, b, bs, ratio, kept, gs, route in zip(
                         control, control_memory.replies, report.memory_correct, control_base.replies,
-                        report.base_correct, control_gate.ratios, control_gate.from_memory, gated_report.memory_correct)
+                        report.base_correct, control_gate.ratios, control_gate.from_memory, gated_report.memory_correct,
+                        control_routes)
                 ],
             }
         atomic_write_text(Path(args.json), json.dumps(result, indent=2))

@@ -29,7 +29,7 @@ from .examples import RECIPES
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 PRECISIONS = ("auto", "fp32", "bf16")
 METHODS = ("exact", "fedit")
-SCHEDULES = ("cyclic", "parallel")
+SCHEDULES = ("cyclic", "parallel", "routed")
 # How the LoRA factors travel, both ways (fedmem.flower.messages): the coordinator keeps float32.
 TRANSPORTS = ("fp32", "bf16", "fp16", "int8")
 
@@ -180,7 +180,8 @@ class FederationConfig:
         "cyclic",
         "cyclic: each round the owners train one after another, each on the memory "
         "the one before left; parallel: all on the same memory, updates combined "
-        "(FedAvg's round)",
+        "(FedAvg's round); routed: all at once, each on its own LoRA, kept apart and each question "
+        "routed to its owner's (fedmem.routing)",
         flag=True,
         choices=SCHEDULES,
     )
@@ -218,6 +219,12 @@ class FederationConfig:
         if isinstance(self.privacy, PrivacySettings) and self.privacy.enabled and self.method != "exact":
             problems.append("dp-epsilon needs method exact: the noise is added to the summed ΔW, which fedit "
                             "never forms")
+        if self.schedule == "routed":
+            if isinstance(self.privacy, PrivacySettings) and self.privacy.enabled:
+                problems.append("dp-epsilon needs schedule parallel or cyclic: routed keeps each owner's LoRA "
+                                "apart in the memory, so there is no sum for the noise to hide it in")
+            if self.method != "exact":
+                problems.append("schedule routed needs method exact (nothing is averaged, so fedit means nothing)")
         if self.secure is True:
             if self.schedule != "parallel":
                 problems.append("secure needs schedule parallel: a cyclic round adds one owner's update at a time, "

@@ -20,6 +20,7 @@ from pathlib import Path
 from .answer import verified_copy
 from .base_model import load_model, load_tokenizer
 from .memory import atomic_dir
+from .routing import refuse_routed
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +62,7 @@ def export_merged(memory_dir: str | os.PathLike, out: str | os.PathLike, base: s
     out = Path(out)
     _check_destination(out, is_dir=True)
     with verified_copy(memory_dir, base, trust) as memory:
+        refuse_routed(memory.manifest, str(memory_dir), "a merged export")
         model = PeftModel.from_pretrained(load_model(memory.base_dir), str(memory.path))
         record = _record(memory)
         base_dir = memory.base_dir
@@ -84,6 +86,7 @@ def export_gguf(memory_dir: str | os.PathLike, out: str | os.PathLike, base: str
     out = Path(out)
     _check_destination(out, is_dir=False)
     with verified_copy(memory_dir, base, trust) as memory:
+        refuse_routed(memory.manifest, str(memory_dir), "a GGUF export")
         if not merged:
             summary = gguf_export.write_gguf_lora(memory.path, Path(memory.base_dir), out)
         else:

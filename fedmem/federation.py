@@ -13,6 +13,9 @@ Two schedules:
   of their updates (FedAvg's round, each accepted owner weighted alike). Faster in
   wall clock with many owners, but the owners' updates interfere: on the demo 50%
   against 92% from the same fresh clone (docs/results.md).
+- ``routed``: every owner trains at once, each on its own LoRA from the round before, and
+  the server keeps each owner's LoRA apart (``fedmem.routing.OwnerLoras``); questions are
+  routed to one of them when answered. Parallel rounds without the interference.
 
 Two methods:
 - ``exact`` (default): the memory is the cumulative ΔW in factored form, of the owners'
@@ -43,6 +46,7 @@ from .lora import attach_lora, extract_factors, load_factors
 from .privacy import noise_multiplier, private_sum
 from .question_writer import generator_dir, written_examples
 from .retention import base_replies, retention_examples
+from .routing import OwnerLoras, own_memory
 from .train import train_lora
 from .validate import clip_scales
 
@@ -53,6 +57,7 @@ log = logging.getLogger(__name__)
 class ClientResult:
     factors: Factors
     metrics: dict[str, float]
+    owner: str = ""  # the corpus's name (in process; Flower's replies are named by the roster)
 
 
 def training_span(config: FederationConfig, server_round: int, visit: int = 0, visits: int = 1) -> tuple[float, float]:
@@ -63,7 +68,7 @@ def training_span(config: FederationConfig, server_round: int, visit: int = 0, v
     schedule a centralised run would: visit v of V in round r gets its V-th of the round's
     slice.
     """
-    if config.schedule == "parallel":
+    if config.schedule != "cyclic":
         visit, visits = 0, 1
     if not (0 <= visit < visits):
         raise ValueError(f"visit must be in 0..{visits - 1}, got {visit}")
@@ -109,6 +114,7 @@ def client_update(
     examples += general
     result = train_lora(model, tokenizer, examples, settings, device, span or training_span(config, server_round))
     return ClientResult(
+        owner=corpus.name,
         factors=extract_factors(model),
         metrics={
             "examples": float(result.examples),
@@ -156,16 +162,19 @@ def run_round(
     config: FederationConfig,
     server_round: int,
     owners: list,
-    memory: Factors | None,
-    train: Callable[[list, Factors | None, tuple[float, float]], list[Update]],
+    memory: Factors | OwnerLoras | None,
+    train: Callable[[list, Factors | OwnerLoras | None, tuple[float, float]], list[Update]],
     clip: bool = False,
+    name_of: Callable[[object], str] | None = None,
 ) -> tuple[Aggregate | None, list]:
     """One round under the configured schedule, whatever carries the messages.
 
-    ``train(owners, memory, span)`` has those owners train on ``memory`` and returns one
-    ``Update`` per accepted reply. Cyclic: one owner at a time, in the order given, each
-    update folded in before the next owner trains. Parallel: every owner on the same
-    memory, folded in together (``clip``: norm-clipped, ``server_aggregate``). Returns the
+    ``train(owners, memory, span)`` has those owners train on ``memory`` (routed: each on its own
+    LoRA in it, ``fedmem.routing.own_memory``) and returns one ``Update`` per accepted reply.
+    Cyclic: one owner at a time, in the order given, each update folded in before the next owner
+    trains. Parallel: every owner on the same memory, folded in together (``clip``: norm-clipped,
+    ``server_aggregate``). Routed: every owner at once; each accepted LoRA replaces its owner's
+    in the memory (an ``OwnerLoras``; ``name_of(extra)`` names an update's owner). Returns the
     round's aggregate (the last memory, each module's worst truncation error on the way,
     and the weight of every update in the order folded in; None if no update was
     accepted) and the second items of the updates, in that order.
@@ -178,6 +187,17 @@ def run_round(
                 steps.append(server_aggregate(memory, [factors], config))
                 memory = steps[-1].factors
                 done.append(extra)
+    elif config.schedule == "routed":
+        if name_of is None:
+            raise ValueError("a routed round needs name_of, to know whose LoRA each update is")
+        updates = train(owners, memory, training_span(config, server_round))
+        if updates:
+            loras = memory if isinstance(memory, OwnerLoras) else OwnerLoras.empty(config.lora.rank)
+            mine = {name_of(extra): factors for factors, extra in updates}
+            if len(mine) != len(updates):
+                raise ValueError("two updates in one routed round name the same owner")
+            steps.append(Aggregate(loras.with_updates(mine), {}, [1.0] * len(updates)))
+            done = [u[1] for u in updates]
     else:
         updates = train(owners, memory, training_span(config, server_round))
         if updates:
@@ -198,25 +218,25 @@ def federate_in_process(
     config: FederationConfig,
     after_round: Callable[[int, Aggregate, list[ClientResult]], None] | None = None,
     device: str = "cpu",
-) -> Factors:
+) -> Factors | OwnerLoras:
     """Every round of a federation in this process, clients one after another.
 
     The same functions the Flower apps call, without Flower: for benchmarks and
     sweeps that compare settings, where starting Ray per setting would cost more than
     the comparison. ``fedmem simulate`` is the real thing.
     """
-    memory: Factors | None = None
+    memory: Factors | OwnerLoras | None = None
     for rnd in range(1, config.rounds + 1):
 
-        def train(owners: list[Corpus], memory: Factors | None, span: tuple[float, float]) -> list[Update]:
+        def train(owners: list[Corpus], memory, span: tuple[float, float]) -> list[Update]:
             updates = []
             for corpus in owners:
                 with log_context(f"{corpus.name} round {rnd}/{config.rounds}"):
-                    r = client_update(base_dir, corpus, memory, config, rnd, device, span)
+                    r = client_update(base_dir, corpus, own_memory(memory, corpus.name), config, rnd, device, span)
                 updates.append((r.factors, r))
             return updates
 
-        agg, results = run_round(config, rnd, corpora, memory, train)
+        agg, results = run_round(config, rnd, corpora, memory, train, name_of=lambda r: r.owner)
         memory = agg.factors
         if after_round:
             after_round(rnd, agg, results)

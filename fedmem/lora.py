@@ -41,12 +41,12 @@ def attach_lora(model, settings: LoraSettings):
     return get_peft_model(model, config)
 
 
-def _lora_layers(peft_model):
+def _lora_layers(peft_model, adapter: str = "default"):
     from peft.tuners.lora import LoraLayer
 
     prefix = "base_model.model."
     for name, module in peft_model.named_modules():
-        if isinstance(module, LoraLayer) and "default" in module.lora_A:
+        if isinstance(module, LoraLayer) and adapter in module.lora_A:
             yield name[len(prefix):] if name.startswith(prefix) else name, module
 
 
@@ -60,22 +60,22 @@ def extract_factors(peft_model) -> Factors:
     return out
 
 
-def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = False) -> None:
+def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = False, adapter: str = "default") -> None:
     """Set a LoRA's weights from factors (clients continue from the global A, B).
 
     With ``keep_fresh_where_zero``, components that are zero in the factors (a memory
     padded to its rank) keep the LoRA's fresh random A rows: B stays zero there, so
     the product is unchanged, but those components can still learn (an all-zero pair
-    never gets a gradient).
+    never gets a gradient). ``adapter``: which of the model's adapters to set.
     """
-    layers = dict(_lora_layers(peft_model))
+    layers = dict(_lora_layers(peft_model, adapter))
     missing = sorted(set(factors) - set(layers))
     if missing:
         raise ValueError(f"memory has modules the model lacks, e.g. {missing[0]}")
     with torch.no_grad():
         for name, (B, A) in factors.items():
             layer = layers[name]
-            a = layer.lora_A["default"].weight
+            a = layer.lora_A[adapter].weight
             if a.shape != A.shape:
                 raise ValueError(f"{name}: LoRA rank {a.shape[0]} cannot hold memory rank {A.shape[0]}")
             dead = (A.abs().sum(dim=1) == 0) & (B.abs().sum(dim=0) == 0) if keep_fresh_where_zero else None
@@ -83,7 +83,7 @@ def load_factors(peft_model, factors: Factors, keep_fresh_where_zero: bool = Fal
             a.copy_(A)
             if fresh is not None:
                 a[dead] = fresh
-            layer.lora_B["default"].weight.copy_(B / layer.scaling["default"])
+            layer.lora_B[adapter].weight.copy_(B / layer.scaling[adapter])
 
 
 def merge_factors(model, factors: Factors) -> None:

@@ -36,11 +36,13 @@ RATIO_BATCH = 16  # rows per forward pass when scoring replies: the logits of 16
 
 
 @torch.no_grad()
-def replies_log_probs(model, pairs: list[tuple[list[int], list[int]]]) -> list[torch.Tensor]:
+def replies_log_probs(model, pairs: list[tuple[list[int], list[int]]],
+                      adapter_names: list[str] | None = None) -> list[torch.Tensor]:
     """For each (prompt ids, reply ids): log p of each reply token given the prompt and the reply
     before it. Rows are right-padded into batches: in a causal model what comes after a row's end
     changes nothing before it, and positions still count from each row's first token, so each row
-    scores as it would alone (left padding would need position ids matched to generation's)."""
+    scores as it would alone (left padding would need position ids matched to generation's).
+    ``adapter_names``: each row's PEFT adapter (a routed memory's rows, scored together)."""
     device = next(model.parameters()).device
     out: list[torch.Tensor] = []
     for start in range(0, len(pairs), RATIO_BATCH):
@@ -51,7 +53,8 @@ def replies_log_probs(model, pairs: list[tuple[list[int], list[int]]]) -> list[t
         for i, (p, r) in enumerate(chunk):
             ids[i, :len(p) + len(r)] = torch.tensor(p + r)
             mask[i, :len(p) + len(r)] = 1
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits
+        rows = {} if adapter_names is None else {"adapter_names": adapter_names[start:start + RATIO_BATCH]}
+        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device), **rows).logits
         for i, (p, r) in enumerate(chunk):
             logp = torch.log_softmax(logits[i, len(p) - 1:len(p) + len(r) - 1].float(), dim=-1)
             out.append(logp[torch.arange(len(r)), torch.tensor(r, device=logp.device)].cpu())
@@ -107,12 +110,18 @@ def gate_replies(memory_replies: list[str], base_replies: list[str], ratios: lis
     return GatedReplies(replies, keep, list(ratios))
 
 
+def _each(router, routes, items: list, work) -> list:
+    """``work(items)``, or under a routed memory each item with the adapter it is routed to (``fedmem.routing``)."""
+    return work(items) if router is None else router.each(routes, items, work)
+
+
 def gated_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48,
-                  threshold: float = GATE_THRESHOLD) -> GatedReplies:
+                  threshold: float = GATE_THRESHOLD, router=None, routes: list[int] | None = None) -> GatedReplies:
     """The memory's replies to rendered prompts, each replaced by the base model's where the gate
-    closes; the base model generates only for those."""
-    memory_replies = generate_replies(model, tokenizer, prompts, max_new_tokens)
-    ratios = reply_log_ratios(model, tokenizer, prompts, memory_replies)
+    closes; the base model generates only for those. ``router`` / ``routes``: a routed memory's
+    router, and the adapter each prompt is routed to (``fedmem.routing.Router``)."""
+    memory_replies = _each(router, routes, prompts, lambda ps: generate_replies(model, tokenizer, ps, max_new_tokens))
+    ratios = _log_ratios(model, tokenizer, prompts, memory_replies, router, routes)
     keep = from_memory(ratios, threshold)
     closed = [p for p, k in zip(prompts, keep) if not k]
     base_replies = iter([])
@@ -123,11 +132,17 @@ def gated_answers(model, tokenizer, prompts: list[str], max_new_tokens: int = 48
     return GatedReplies(replies, keep, ratios)
 
 
-def gated_scores(model, tokenizer, questions, with_memory: Scores, base_only: Scores) -> tuple[GatedReplies, Scores]:
+def _log_ratios(model, tokenizer, prompts: list[str], replies: list[str], router, routes) -> list[float]:
+    return _each(router, routes, list(zip(prompts, replies, strict=True)),
+                 lambda pairs: reply_log_ratios(model, tokenizer, [p for p, _ in pairs], [r for _, r in pairs]))
+
+
+def gated_scores(model, tokenizer, questions, with_memory: Scores, base_only: Scores, router=None,
+                 routes: list[int] | None = None) -> tuple[GatedReplies, Scores]:
     """The gate over ``questions`` answered both ways (``fedmem.answer.score`` with the memory and
     with its adapter disabled), and the scores of the gated replies: what ``fedmem eval`` reports
-    for what ``fedmem ask`` answers."""
+    for what ``fedmem ask`` answers. ``router`` / ``routes`` as for ``gated_answers``."""
     prompts = [chat_prompt(tokenizer, q.question) for q in questions]
     gated = gate_replies(with_memory.replies, base_only.replies,
-                         reply_log_ratios(model, tokenizer, prompts, with_memory.replies))
+                         _log_ratios(model, tokenizer, prompts, with_memory.replies, router, routes))
     return gated, scores_for(questions, gated.replies)

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         config = from_args(FederationConfig, args, fixed=options)
     except ValueError as err:
         parser.error(str(err))
+    if config.schedule == "routed":  # report() merges one memory; fedmem eval routes a routed one
+        parser.error("--schedule routed: use fedmem simulate --schedule routed, then fedmem eval")
 
     from fedmem.answer import load_questions, score
     from fedmem.base_model import load_model, load_tokenizer, resolve_base

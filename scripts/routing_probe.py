@@ -40,8 +40,9 @@ from fedmem.corpus import load_corpus
 from fedmem.examples import build_examples, chat_prompt
 from fedmem.lora import attach_lora
 from fedmem.memory import atomic_write_text
-from fedmem.memory_gate import GATE_THRESHOLD, replies_log_probs, reply_log_ratios
+from fedmem.memory_gate import GATE_THRESHOLD, reply_log_ratios
 from fedmem.retention import base_replies, retention_examples
+from fedmem.routing import question_gains
 from fedmem.train import train_lora
 
 log = logging.getLogger("routing_probe")
@@ -110,16 +111,13 @@ def main() -> None:
     control = load_questions(args.control) if args.control else []
     asked = questions + control
     prompts = [chat_prompt(tokenizer, q.question) for q in asked]
-    # Each question as plain text after the end-of-text token (which conditions its first word)
-    texts = [([tokenizer.eos_token_id], tokenizer(q.question, add_special_tokens=False)["input_ids"]) for q in asked]
-    with model.disable_adapter():
-        base_lp = replies_log_probs(model, texts)
-    replies, ratios, familiarity = {}, {}, {}
+    # What `fedmem ask` routes by (fedmem.routing): each question's summed log-likelihood gain per LoRA
+    familiarity = dict(zip(owners, question_gains(model, tokenizer, [q.question for q in asked], owners)))
+    replies, ratios = {}, {}
     for name in owners + ["mean"]:
         model.set_adapter(name)
         replies[name] = generate_replies(model, tokenizer, prompts, args.max_new_tokens)
         ratios[name] = reply_log_ratios(model, tokenizer, prompts, replies[name])
-        familiarity[name] = [float((m - b).sum()) for m, b in zip(replies_log_probs(model, texts), base_lp)]
         log.info("%s answered", name)
     with model.disable_adapter():
         base = generate_replies(model, tokenizer, prompts, args.max_new_tokens)

@@ -253,7 +253,7 @@ def run(args) -> dict:
         # simulate() builds the ClientApp itself; the counting mod rides along the same way the
         # privacy audit's recording mod does (tests/test_privacy_audit.py).
         simulation.make_client_app = lambda dirs, node: make_client_app(dirs, node, mods=[load_counter(str(loads_dir))])
-        config = FederationConfig(rounds=args.rounds, schedule="parallel",
+        config = FederationConfig(rounds=args.rounds, schedule=args.schedule,
                                   lora=LoraSettings(rank=args.rank, alpha=2 * args.rank, epochs=1))
         load_before = os.getloadavg()
         sampler = TreeSampler(args.interval)
@@ -275,6 +275,7 @@ def run(args) -> dict:
         return {
             "owners": args.owners,
             "rounds": args.rounds,
+            "schedule": args.schedule,
             "workers": args.workers,
             "rank": args.rank,
             "cpus": os.cpu_count(),
@@ -347,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--owners", type=int, default=100, help="virtual owners (default %(default)s)")
     parser.add_argument("--rounds", type=int, default=3, help="parallel rounds (default %(default)s)")
+    parser.add_argument("--schedule", choices=("parallel", "routed"), default="parallel",
+                        help="parallel rounds, or routed ones (each owner's LoRA kept apart; default %(default)s)")
     parser.add_argument("--workers", type=int, default=2, help="owners training side by side (default %(default)s)")
     parser.add_argument("--rank", type=int, default=4,
                         help="LoRA rank (alpha twice it); a larger one makes each update larger (default %(default)s)")

@@ -108,6 +108,28 @@ def write_random_memory(base: Path, path: Path, seed: int = 0, scale: float = 0.
     return save_memory(path, factors, base, {"base_fingerprint": fingerprint(base), **(manifest or {})})
 
 
+def write_routed_memory(base: Path, path: Path, seeds: dict[str, int], scale: float = 0.05, rank: int = 2,
+                        manifest: dict | None = None) -> dict:
+    """A routed memory for ``base`` (fedmem.routing): one random rank-``rank`` LoRA per owner (owner ->
+    seed), saved side by side as fedmem saves one; returns its manifest."""
+    import torch
+
+    from fedmem.base_model import fingerprint, load_model
+    from fedmem.memory import save_memory
+    from fedmem.routing import ROUTING, OwnerLoras
+
+    model = load_model(base)
+    loras = {}
+    for owner, seed in seeds.items():
+        gen = torch.Generator().manual_seed(seed)
+        loras[owner] = {name: (torch.randn(m.weight.shape[0], rank, generator=gen) * scale,
+                               torch.randn(rank, m.weight.shape[1], generator=gen) * scale)
+                        for name, m in model.named_modules() if name.endswith(LINEAR_LAYERS)}
+    memory = OwnerLoras.empty(rank).with_updates(loras)
+    return save_memory(path, memory.factors, base, {"base_fingerprint": fingerprint(base),
+                                                    ROUTING: memory.manifest(), **(manifest or {})})
+
+
 def write_corpus(root: Path, facts: list[tuple[str, str]], qa: list[tuple[str, str]] = ()) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     (root / "notes.md").write_text("# Notes\n\n" + " ".join(s for s, _ in facts) + "\n")

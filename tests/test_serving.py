@@ -14,7 +14,7 @@ import httpx
 import openai
 import pytest
 import uvicorn
-from conftest import write_random_memory
+from conftest import write_random_memory, write_routed_memory
 
 from fedmem.answer import generate_answers
 from fedmem.base_model import load_tokenizer
@@ -212,6 +212,46 @@ def test_a_kept_request_goes_on_from_the_gates_tokens_with_the_reply_it_would_ha
     calls.clear()
     mixed = replies([Job(memory, prompts[3], 20, Collect(), fallback=base), Job(memory, prompts[2], 12, Collect())])
     assert mixed == [ungated[3], ungated[2]] and calls == [False, False]
+
+
+def test_a_routed_memory_answers_each_request_with_its_owners_lora_as_fedmem_ask_does(tiny_base, tmp_path,
+                                                                                       monkeypatch):
+    """A routed memory is served unmerged: each request goes to the owner's LoRA its question is routed
+    to, requests routed to different owners share a batch (PEFT's mixed-adapter rows), and each reply,
+    gated or not, is the one `fedmem ask` gives, naming the owner it was routed to."""
+    from fedmem.answer import load_memory
+    from fedmem.examples import chat_prompt
+    from fedmem.memory_gate import from_memory, gated_answers
+    from fedmem.serving import batcher
+
+    write_routed_memory(tiny_base, tmp_path / "routed", {"ada": 3, "bo": 4}, scale=0.3, manifest={"round": 1})
+    loaded = load_memory(tmp_path / "routed", str(tiny_base))
+    router, tokenizer = loaded.router, loaded.tokenizer
+    routes = router.routes(GATE_QUESTIONS)
+    assert set(routes) == {0, 1}, routes  # both owners' LoRAs answer some of the questions
+    prompts = [chat_prompt(tokenizer, q) for q in GATE_QUESTIONS]
+    ungated = router.each(routes, GATE_QUESTIONS,
+                          lambda qs: generate_answers(loaded.model, tokenizer, qs, max_new_tokens=MAX_TOKENS))
+    ratios = gated_answers(loaded.model, tokenizer, prompts, MAX_TOKENS, router=router, routes=routes).ratios
+    threshold = sorted(ratios)[len(ratios) // 2] - 1e-3  # some requests kept, some given to the base model
+    monkeypatch.setattr(batcher, "GATE_THRESHOLD", threshold)
+    gated = gated_answers(loaded.model, tokenizer, prompts, MAX_TOKENS, threshold, router=router, routes=routes)
+    assert 0 < sum(from_memory(ratios, threshold)) < len(ratios)
+
+    for options in (UNGATED, ServeOptions()):
+        with Server(ServePlan(memory=tmp_path / "routed", base=str(tiny_base), batch_wait_s=0.3), options) as server:
+            client = server.client()
+            with ThreadPoolExecutor(len(GATE_QUESTIONS)) as pool:
+                replies = list(pool.map(lambda q: ask(client, "fedmem", q), GATE_QUESTIONS))
+            assert server.batcher.batches < 2 * len(GATE_QUESTIONS)
+            assert server.app.state.memory_slot.get().version["owners"] == ["ada", "bo"]
+        expected = ungated if options is UNGATED else gated.replies
+        assert [r.choices[0].message.content for r in replies] == expected
+        if options is not UNGATED:
+            for reply, route, kept in zip(replies, routes, gated.from_memory):
+                gate = reply.model_extra["fedmem_gate"]
+                assert gate["routed_to"] == ["ada", "bo"][route]
+                assert gate["answered_by"] == ("memory" if kept else "base")
 
 
 def test_a_memory_that_changes_nothing_never_answers_through_the_gate(tiny_base, tmp_path):

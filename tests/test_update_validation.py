@@ -246,6 +246,7 @@ class ScriptedGrid:
         self.modules = lora_targets(str(base), tuple(ALL_LINEAR))
         self.owners, self.rank, self.method = owners, rank, method
         self.sent: list[tuple[int, str]] = []
+        self.received: dict[int, list] = {}  # node -> the memory each train message sent it (None: none)
         self.pending: dict[str, object] = {}
 
     def get_node_ids(self):
@@ -288,6 +289,7 @@ class ScriptedGrid:
             return Message(content=RecordDict({INFO_KEY: ConfigRecord({"client": name})}), reply_to=msg)
         _, rnd, fp = record_to_config(msg.content[CONFIG_KEY])
         memory = record_to_factors(msg.content[MEMORY_KEY])
+        self.received.setdefault(node, []).append(memory)
         g = torch.Generator().manual_seed(node * 100 + rnd)
         new = {n: (torch.randn(o, self.rank, generator=g) * 1e-3, torch.randn(self.rank, i, generator=g))
                for n, (o, i) in self.modules.items()}

@@ -243,6 +243,9 @@ class QualityRun:
 
     def run_federated(self, method: str) -> dict:
         config = replace(self.config.federation, method=method)
+        if config.schedule == "routed":
+            raise ValueError("the quality benchmark scores one merged memory; a routed memory is scored with "
+                             "fedmem simulate --schedule routed, then fedmem eval")
         if method == "fedit":  # FedIT as published: every owner on the same global LoRA, A and B averaged
             config = replace(config, schedule="parallel")
         rounds: list[dict] = []

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -119,11 +120,12 @@ class Screen:
         check_relative(norms, self.base_norms, self.server.max_relative_update)
         return Accepted(owner, reply.metadata.src_node_id, factors, metrics, total_norm(norms), message_bytes(reply))
 
-    def screen(self, replies: list[Message], asked: dict[int, Owner], memory, unanswered: str = "no reply"
-               ) -> tuple[list[Accepted], list[dict], list[dict]]:
+    def screen(self, replies: list[Message], asked: dict[int, Owner], memory, unanswered: str = "no reply",
+               memory_of: Callable[[int], object] | None = None) -> tuple[list[Accepted], list[dict], list[dict]]:
         """(accepted updates, rejected [{"owner", "key", "node", "reason"}], failed [the same, for
         error replies and owners that never answered, with ``unanswered`` as the reason]); every
-        rejection and failure is logged."""
+        rejection and failure is logged. Each update is checked against ``memory``, what its owner
+        was sent, or, with ``memory_of``, against ``memory_of(node)`` (routed: the owner's own LoRA)."""
         candidates: list[Accepted] = []
         rejected: list[dict] = []
         failed: list[dict] = []
@@ -154,7 +156,7 @@ class Screen:
                 log.warning("  %s failed this round: %s", asked[node].shown, reason)
                 continue
             try:
-                candidates.append(self.check(reply, asked[node], memory))
+                candidates.append(self.check(reply, asked[node], memory_of(node) if memory_of else memory))
             except Rejected as err:
                 refuse(node, clean(err))
         for node in asked:

@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.aggregate import Aggregate, from_sketch, rebuilt, sketch_operators, sketch_sizes
-from fedmem.answer import Question, Scores, score
+from fedmem.answer import Question, Scores, score, scores_for
 from fedmem.base_model import load_model, load_tokenizer
 from fedmem.config import FederationConfig, ServerSettings
 from fedmem.federation import base_fingerprint, run_round, set_threads, training_span
@@ -28,6 +28,7 @@ from fedmem.log import progress
 from fedmem.lora import merge_factors
 from fedmem.memory import MemoryFormatError, atomic_write_text, fsync_path, load_memory, save_memory
 from fedmem.privacy import check_budget, noise_multiplier, noise_to_signal, noisy_fold
+from fedmem.routing import ROUTING, OwnerLoras, own_memory, owner_router, stacked
 from fedmem.signing import SIGNATURE_FILE, Trust, load_signing_key, pack_memory
 from fedmem.validate import (
     Rejected,
@@ -81,10 +82,17 @@ class RunPlan:
 
 
 def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> Scores:
+    """The memory's replies (no gate); a routed memory's, each question by the owner's LoRA it is routed to."""
     model = load_model(base_dir, device)
+    tokenizer = load_tokenizer(base_dir)
+    if isinstance(factors, OwnerLoras):
+        router = owner_router(model, tokenizer, factors)
+        routes = router.routes([q.question for q in questions])
+        return scores_for(questions, router.each(routes, questions,
+                                                 lambda qs: score(router.model, tokenizer, qs).replies))
     if factors:
         merge_factors(model, factors)
-    return score(model, load_tokenizer(base_dir), questions)
+    return score(model, tokenizer, questions)
 
 
 def _wait_for_nodes(grid: Grid, plan: RunPlan, roster: Roster) -> list[int]:
@@ -365,7 +373,9 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     summary: dict = {"rounds": []}
     done, memory, manifest = last_checkpoint(plan, fp, signing_key) if plan.server.resume else (0, None, {})
     files = signed_files(out / "rounds" / f"round-{done:03d}") if done and plan.publish else None
-    if memory is not None and set(memory) != set(modules):
+    if memory is not None and cfg.schedule == "routed":
+        memory = OwnerLoras.from_manifest(memory, manifest.get(ROUTING), str(out / "rounds" / f"round-{done:03d}"))
+    if memory is not None and set(stacked(memory)) != set(modules):
         raise RuntimeError(f"{out / 'rounds'}: the checkpoints cover other modules than the base model's LoRA "
                            "targets; use a new output directory")
     clients_seen: set[str] = set(manifest.get("clients", []))
@@ -423,15 +433,20 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         received_bytes: dict[str, int] = {}  # owner -> bytes of its reply, if it was read
 
         def train(targets: list[int], memory, span: tuple[float, float]) -> list[tuple]:
-            record = factors_to_record(memory, cfg.transport)
-            messages = [train_message(plan, memory, span, rnd, fp, manifest, n, files, record) for n in targets]
+            # Routed: each owner is sent its own LoRA (none in its first round), so each message is its own.
+            routed = isinstance(memory, OwnerLoras)
+            record = None if routed else factors_to_record(memory, cfg.transport)
+            messages = [train_message(plan, own_memory(memory, owners[n].name), span, rnd, fp, manifest, n, files,
+                                      record) for n in targets]
             sent_bytes.update({owners[m.metadata.dst_node_id].name: message_bytes(m) for m in messages})
             need = needed(plan.server.quorum, len(targets))
             replies, cut = gather(grid, messages, need, plan.round_timeout)
             unanswered = (f"late: the round closed once {len(replies)} of {len(targets)} owners had replied "
                           f"(quorum {need}); a reply after that is dropped" if cut and len(replies) >= need
                           else "no reply")
-            accepted, refused, broken = screen.screen(replies, {n: owners[n] for n in targets}, memory, unanswered)
+            accepted, refused, broken = screen.screen(
+                replies, {n: owners[n] for n in targets}, memory, unanswered,
+                memory_of=(lambda n: own_memory(memory, owners[n].name)) if routed else None)
             received_bytes.update({a.owner.name: a.bytes for a in accepted})
             rejected.extend(refused)
             failed.extend(broken)
@@ -451,19 +466,20 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         else:
             # Cyclic: one owner at a time, in the order of their names, each on the memory the one before left.
             agg, trained = run_round(cfg, rnd, visit_order(owners), memory, train,
-                                     clip=plan.server.clip_updates and cfg.method == "exact")
+                                     clip=plan.server.clip_updates and cfg.method == "exact",
+                                     name_of=lambda a: a.owner.name)
         bar.close()
         names = [a.owner.name for a in trained]
         # A refused update does not stop the round (else any one owner could stop the federation by
         # sending junk): its owner took part; owners that failed or never answered did not. A quorum
         # below min-clients (a parallel round of few owners) is what a round needs.
         required = (min(plan.server.min_clients, needed(plan.server.quorum, len(owners)))
-                    if cfg.schedule == "parallel" else plan.server.min_clients)
+                    if cfg.schedule != "cyclic" else plan.server.min_clients)
         if agg is None or len(names) + len(rejected) < required:
             raise RuntimeError(f"round {rnd}: only {len(names)} usable updates ({len(rejected)} refused), "
                                f"{required} required")
         try:
-            check_finite(agg.factors)
+            check_finite(stacked(agg.factors))
         except Rejected as err:
             raise RuntimeError(f"round {rnd}: {err}; nothing saved") from None
         memory = agg.factors
@@ -505,7 +521,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         if rejected:
             line += f", {len(rejected)} refused (" + ", ".join(
                 r["owner"] or f"node {r['node']}" for r in rejected) + ")"
-        if cfg.method == "exact":
+        if cfg.method == "exact" and cfg.schedule != "routed":
             line += f", truncation error {agg.max_truncation_error:.2e}"
         line += f", {describe(record['traffic'])}"
         if dp.enabled:
@@ -526,11 +542,14 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             # Which key each owner's updates came with (deployed; names are the admitted ones).
             "owner_keys": dict(sorted(owner_keys.items())),
             "aggregation": {"method": cfg.method, "schedule": cfg.schedule, "rank": cfg.lora.rank,
-                            "weights": "equal per accepted owner", "clip": bool(plan.server.clip_updates),
-                            "secure": cfg.secure},
+                            "weights": ("none: each owner's LoRA kept apart" if cfg.schedule == "routed"
+                                        else "equal per accepted owner"),
+                            "clip": bool(plan.server.clip_updates), "secure": cfg.secure},
             "federation": cfg.to_dict(),
             "metrics": _published_metrics(record, dp.enabled),
         }
+        if isinstance(memory, OwnerLoras):  # whose LoRA each block of components is (fedmem.routing)
+            manifest[ROUTING] = memory.manifest()
         if dp.enabled:
             manifest["privacy"] = {
                 "mechanism": "owner-level differential privacy: each update clipped, Gaussian noise on their sum "
@@ -541,11 +560,11 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
         # Metrics first: a crash between the two leaves a row without a checkpoint, which a
         # resumed run sets aside, never a checkpoint without its row.
         _append_jsonl(metrics_path, record)
-        save_memory(out / "rounds" / f"round-{rnd:03d}", memory, Path(plan.base_dir), manifest,
+        save_memory(out / "rounds" / f"round-{rnd:03d}", stacked(memory), Path(plan.base_dir), manifest,
                     signing_key=signing_key)
         # memory/ is always the newest round's memory, so `fedmem serve --follow OUT/memory` serves each
         # round as it lands; the rounds/ checkpoint above is what a resumed run trusts.
-        save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
+        save_memory(out / "memory", stacked(memory), Path(plan.base_dir), manifest, signing_key=signing_key)
         latest_saved = True
         if plan.publish:
             files = signed_files(out / "rounds" / f"round-{rnd:03d}")
@@ -554,7 +573,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
     if memory is None:
         raise RuntimeError("no round was completed, so there is no memory to save")
     if not latest_saved:  # a resumed run that had nothing left to do
-        save_memory(out / "memory", memory, Path(plan.base_dir), manifest, signing_key=signing_key)
+        save_memory(out / "memory", stacked(memory), Path(plan.base_dir), manifest, signing_key=signing_key)
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     if plan.publish:
         _publish(grid, roster.admitted(grid.get_node_ids()), manifest, plan, signed_files(out / "memory"))

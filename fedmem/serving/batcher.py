@@ -17,6 +17,11 @@ the base model instead, in a batch of its own; a greedy request it keeps continu
 memory's tokens the gate already generated. Its sink hears which engine answers
 (``Sink.on_start``) before any text.
 
+A request to a routed memory (``Engine.router``) is first routed to one owner's adapter
+(``fedmem.routing``: by its last user message), and every pass of the memory's model over a
+batch names each row's adapter (PEFT's mixed-adapter batches), so requests routed to different
+owners still share one ``generate``.
+
 ``fedmem serve`` runs ``Batcher.run`` on the main thread, where the model was loaded:
 ``generate`` measured ~25% slower in any other thread (``fedmem.serving.run.serve``).
 
@@ -137,6 +142,9 @@ class Job:
     head: list[int] = field(default_factory=list)
     start: GreedyStart | None = None  # where ``head`` came from, and ``start_row``, its row there
     start_row: int = 0
+    question: str = ""  # the request's last user message: what a routed memory routes by
+    adapter: str | None = None  # a routed memory's adapter for this request, set by the batcher
+    owner: str = ""  # whose LoRA that adapter is (said in the reply's gate record)
 
     def batch_key(self) -> tuple:
         """Jobs with equal keys can share one ``generate`` call."""
@@ -322,6 +330,7 @@ class Batcher:
             if not live:
                 continue
             try:
+                self._route(live)
                 for group in self._gate(live):
                     self._generate(group)
             except Exception as err:  # one bad batch must not take the server down; its requests hear why
@@ -333,6 +342,29 @@ class Batcher:
         with self._cv:
             jobs, self._pending = list(self._pending), deque()
             return jobs
+
+    @torch.inference_mode()
+    def _route(self, jobs: list[Job]) -> None:
+        """Each job to a routed memory gets the adapter of the owner its question is about."""
+        routed = [j for j in jobs if j.engine.router is not None and j.adapter is None]
+        if not routed:
+            return
+        router = routed[0].engine.router  # one batch, one engine (``batch_key``)
+        texts = []
+        for job in routed:
+            if job.question:
+                texts.append(job.question)
+            else:
+                with TOKENIZER_LOCK:
+                    texts.append(job.engine.tokenizer.decode(job.prompt_ids, skip_special_tokens=True))
+        for job, route in zip(routed, router.routes(texts)):
+            job.adapter, job.owner = router.adapters[route], router.describe(route)
+            log.debug("routed to %s's LoRA", job.owner)
+
+    @staticmethod
+    def _adapters(engine: Engine, jobs: list[Job]) -> dict:
+        """``generate`` / forward keyword for a routed memory's rows: each row's adapter."""
+        return {} if engine.router is None else {"adapter_names": [j.adapter for j in jobs]}
 
     @torch.inference_mode()
     def _gate(self, jobs: list[Job]) -> list[list[Job]]:
@@ -350,7 +382,8 @@ class Batcher:
             tokenizer = engine.tokenizer
             end_of_turn = chat_turn(tokenizer).end_of_turn
             stops = stop_token_ids(engine.model, tokenizer)
-            start = self._greedy_start(engine, [j.prompt_ids for j in gated], 2 * GATE_TOKENS, stops)
+            start = self._greedy_start(engine, [j.prompt_ids for j in gated], 2 * GATE_TOKENS, stops,
+                                       self._adapters(engine, gated))
             replies = []
             for tokens in start.tokens:
                 with TOKENIZER_LOCK:
@@ -359,8 +392,9 @@ class Batcher:
                     replies.append(gate_token_ids(tokenizer, text))
             scored = [i for i, reply in enumerate(replies) if reply]
             retold = [i for i in scored if start.tokens[i][:len(replies[i])] != replies[i]]
-            memory_lp = dict(zip(retold, replies_log_probs(engine.model, [(gated[i].prompt_ids, replies[i])
-                                                                         for i in retold])))
+            memory_lp = dict(zip(retold, replies_log_probs(
+                engine.model, [(gated[i].prompt_ids, replies[i]) for i in retold],
+                self._adapters(engine, [gated[i] for i in retold]).get("adapter_names"))))
             for i in scored:
                 if i not in memory_lp:
                     logp = torch.log_softmax(start.logits[i, :len(replies[i])].float(), dim=-1)
@@ -400,13 +434,15 @@ class Batcher:
         attention_mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
         return input_ids, attention_mask, pad
 
-    def _greedy_start(self, engine: Engine, prompts: list[list[int]], n: int, stops: list[int]) -> GreedyStart:
+    def _greedy_start(self, engine: Engine, prompts: list[list[int]], n: int, stops: list[int],
+                      adapters: dict | None = None) -> GreedyStart:
         """Each prompt's first ``n`` greedy tokens, with the logits they were chosen from and the cache
-        to go on from them."""
+        to go on from them. ``adapters``: a routed memory's rows' adapters (``_adapters``)."""
         input_ids, attention_mask, pad = self._left_padded(engine, prompts)
         out = engine.model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=n,
                                     pad_token_id=pad, eos_token_id=stops, do_sample=False, temperature=None,
-                                    top_p=None, top_k=None, return_dict_in_generate=True, output_logits=True)
+                                    top_p=None, top_k=None, return_dict_in_generate=True, output_logits=True,
+                                    **(adapters or {}))
         new = out.sequences[:, input_ids.shape[1]:]
         # generate stops when every row has: then fewer than n steps, and a row's later tokens are padding
         mask = torch.cat([attention_mask, torch.ones_like(new)], dim=1)
@@ -417,7 +453,8 @@ class Batcher:
         engine = jobs[0].engine
         model, tokenizer = engine.model, engine.tokenizer
         deliver([(j.sink, "on_start", (engine.fingerprint, None if j.fallback is None else {
-            "answered_by": "base" if engine is j.fallback else "memory", "ratio": round(j.gate_ratio, 4)}))
+            "answered_by": "base" if engine is j.fallback else "memory", "ratio": round(j.gate_ratio, 4),
+            **({"routed_to": j.owner} if j.owner else {})}))
             for j in jobs])
         stops = stop_token_ids(model, tokenizer)
         follower = RowFollower(jobs, stops, chat_turn(tokenizer).end_of_turn)
@@ -443,7 +480,7 @@ class Batcher:
             model.generate(input_ids=input_ids, attention_mask=attention_mask,
                            max_new_tokens=max(j.max_tokens - len(j.head) for j in open_jobs), pad_token_id=pad,
                            eos_token_id=stops, stopping_criteria=StoppingCriteriaList([follower]), **sampling,
-                           **resume)
+                           **resume, **self._adapters(engine, open_jobs))
         follower.close()
         self.batches += 1
         self.rows += len(jobs)

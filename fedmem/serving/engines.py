@@ -5,6 +5,11 @@ Each memory version is its own model object with the adapter merged into the wei
 adds two small matmuls per layer per token), and a version is immutable once loaded, so a
 request keeps the version it started on however many newer ones arrive. The price is one
 extra copy of the base weights per version alive (two at most, briefly, during a swap).
+
+A routed memory (``fedmem.routing``) cannot be merged: merging would apply its owners' LoRAs
+summed. Its version stays a PeftModel with one adapter per owner and a ``router``; each request
+is routed to one owner's adapter, and a batch runs its rows on their own adapters together
+(PEFT's mixed-adapter batches, ``adapter_names``).
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ class Engine:
     model: object  # a transformers causal LM in eval mode
     tokenizer: object
     version: dict = field(default_factory=dict)  # memory versions: round, sha256, source, loaded_at, signed_by
+    router: object = None  # a routed memory's fedmem.routing.Router; its model is the unmerged PeftModel
 
     @property
     def fingerprint(self) -> str:
@@ -50,7 +56,7 @@ def load_memory_engine(name: str, memory_dir: str | Path, base: str | None, devi
     from ..answer import load_memory
 
     loaded = load_memory(memory_dir, base, device, trust)
-    model = loaded.model.merge_and_unload()
+    model = loaded.model if loaded.routed else loaded.model.merge_and_unload()
     model.eval()
     memory = loaded.memory
     rnd = memory.manifest.get("round")
@@ -62,7 +68,9 @@ def load_memory_engine(name: str, memory_dir: str | Path, base: str | None, devi
         "signed_by": memory.signed_by,
         "base_dir": str(memory.base_dir),
     }
-    return Engine(name, model, loaded.tokenizer, version)
+    if loaded.routed:
+        version["owners"] = list(loaded.router.owners)
+    return Engine(name, model, loaded.tokenizer, version, loaded.router if loaded.routed else None)
 
 
 class EngineSlot:

@@ -64,6 +64,14 @@ class ChatMessage(BaseModel):
         return {"role": "system" if self.role == "developer" else self.role, "content": text}
 
 
+def _last_question(messages: list[ChatMessage]) -> str:
+    """The last user message's text: what a routed memory routes a request by (``fedmem.routing``)."""
+    for message in reversed(messages):
+        if message.role == "user":
+            return message.as_template_input()["content"]
+    return ""
+
+
 class ChatRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")  # clients send "user", "seed", "logprobs"... harmlessly
     model: str
@@ -252,7 +260,7 @@ def make_app(batcher: Batcher, base: Engine, memory: EngineSlot, options: ServeO
         gated = options.gate and engine is not base
         try:
             batcher.submit(Job(engine, prompt, max_tokens, sink, body.temperature, body.top_p, stop,
-                               fallback=base if gated else None))
+                               fallback=base if gated else None, question=_last_question(body.messages)))
         except RuntimeError as err:
             raise APIError(503, str(err), kind="server_error") from None
         try:  # which weights answer is known once generation starts: the reply's head names them

@@ -436,8 +436,8 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
             # Routed: each owner is sent its own LoRA (none in its first round), so each message is its own.
             routed = isinstance(memory, OwnerLoras)
             record = None if routed else factors_to_record(memory, cfg.transport)
-            messages = [train_message(plan, own_memory(memory, owners[n].name), span, rnd, fp, manifest, n, files,
-                                      record) for n in targets]
+            sent = {n: own_memory(memory, owners[n].name) for n in targets}  # sliced once, for message and screen
+            messages = [train_message(plan, sent[n], span, rnd, fp, manifest, n, files, record) for n in targets]
             sent_bytes.update({owners[m.metadata.dst_node_id].name: message_bytes(m) for m in messages})
             need = needed(plan.server.quorum, len(targets))
             replies, cut = gather(grid, messages, need, plan.round_timeout)
@@ -446,7 +446,7 @@ def run_rounds(grid: Grid, plan: RunPlan) -> dict:
                           else "no reply")
             accepted, refused, broken = screen.screen(
                 replies, {n: owners[n] for n in targets}, memory, unanswered,
-                memory_of=(lambda n: own_memory(memory, owners[n].name)) if routed else None)
+                memory_of=sent.get if routed else None)
             received_bytes.update({a.owner.name: a.bytes for a in accepted})
             rejected.extend(refused)
             failed.extend(broken)

@@ -11,6 +11,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 from test_deployment_support import Party, free_port, server_command, stop_all, wait_for, write_owner
 
 from fedmem.base_model import fingerprint
@@ -68,6 +69,31 @@ def _sha(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _assert_each_owner_kept_its_own_lora(root: Path, state: Path, names: list[str]) -> None:
+    """A routed run's LoRAs, checked from what the real SuperNodes sent and were sent: each filed under
+    the name its key was admitted under; in round 2 each owner was sent one rank-r LoRA (its own,
+    about what it sends back), not the stack of every owner's; each LoRA went on training."""
+    from fedmem.clients.keys import ensure_keys
+
+    from fedmem.memory import load_memory
+    from fedmem.routing import ROUTING, OwnerLoras
+
+    rows = _metrics(state)
+    for row in rows:
+        for n in names:
+            assert row["updates"][n]["key"] == ensure_keys(root / "clients" / n).fingerprint
+    for n in names:
+        update = rows[1]["updates"][n]
+        assert update["bytes_down"] < 1.5 * update["bytes_up"], (n, update)
+    loras = []
+    for directory in (state / "run" / "rounds" / "round-001", state / "run" / "memory"):
+        factors, manifest = load_memory(directory)
+        loras.append(OwnerLoras.from_manifest(factors, manifest[ROUTING]))
+    for n in names:
+        first, last = loras[0].of(n), loras[1].of(n)
+        assert any(not torch.equal(first[k][0], last[k][0]) for k in first), f"{n}'s LoRA did not train on"
+
+
 # One class per schedule: pytest-xdist's loadscope (README's test command) runs a class as one unit,
 # so the two schedules' runs, which mostly wait, go to different workers.
 class TestParallelRound:
@@ -116,10 +142,17 @@ def client_killed_mid_round_rejoins_next_round(tmp_path: Path, tiny_base: Path, 
 
 
 def test_server_killed_and_restarted_resumes_from_last_checkpoint(tmp_path, tiny_base):
+    """Under ``--schedule routed``, the one schedule whose checkpoint is more than one LoRA: the
+    restarted server rebuilds every owner's LoRA from round 1's checkpoint and sends each owner its
+    own again, by the name its key was admitted under (cyclic and parallel resume are the same code
+    after the checkpoint is read; tests/test_federation.py and tests/test_routing.py cover them). In
+    int8 transport, which sends owners the signed memory only at the end (fp32 sends it every round,
+    as every owner of a published run keeps it), so a train message's bytes are that owner's LoRA."""
     names = ["alpha", "beta"]
     state, data = _setup(tmp_path, names)
     port = free_port()
-    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=120, join_grace=5)
+    args = server_command(state, port, tiny_base, rounds=2, min_clients=2, round_timeout=120, join_grace=5,
+                          extra=["--schedule", "routed", "--transport", "int8"])
     parties: list[Party] = []
     try:
         server, clients = _start_federation(tmp_path, names, state, data, port, tiny_base, args, parties)
@@ -144,8 +177,10 @@ def test_server_killed_and_restarted_resumes_from_last_checkpoint(tmp_path, tiny
             assert verify_memory(state / "run" / "rounds" / f"round-{rnd:03d}", fingerprint(tiny_base))["round"] == rnd
         manifest = verify_memory(state / "run" / "memory", fingerprint(tiny_base))
         assert manifest["round"] == 2 and manifest["clients"] == names
+        assert manifest["routing"] == {"owners": names, "rank": 4}
         for n in names:  # the clients rode out the outage and got the finished memory
             assert clients[n].wait(60) == 0, clients[n].output()
             assert verify_memory(tmp_path / "clients" / n / "memory")["round"] == 2
+        _assert_each_owner_kept_its_own_lora(tmp_path, state, names)
     finally:
         stop_all(parties)

@@ -194,6 +194,14 @@ def score(model, tokenizer, questions: list[Question], prompts: list[str] | None
     return scores_for(questions, generate_replies(model, tokenizer, prompts, max_new_tokens))
 
 
+def routed_scores(router, questions: list[Question]) -> tuple[list[int], Scores]:
+    """Each question's route (``fedmem.routing.Router``: the one adapter of a plain memory, an owner's
+    LoRA of a routed one) and the replies of that adapter alone, scored; no gate."""
+    routes = router.routes([q.question for q in questions])
+    replies = router.each(routes, questions, lambda part: score(router.model, router.tokenizer, part).replies)
+    return routes, scores_for(questions, replies)
+
+
 MIN_TERM_CHARS = 3  # private terms shorter than this (normalised) are not looked for: "Al", "Wu"
 MIN_NUMBER_DIGITS = 3  # nor numbers of fewer digits: "7", "42" turn up in any general answer
 

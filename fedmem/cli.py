@@ -164,7 +164,7 @@ def _print_control(control, report, gated_report, base_only, with_memory, gated,
 
 
 def cmd_eval(args) -> int:
-    from .answer import control_report, load_memory, load_questions, private_terms, score, scores_for
+    from .answer import control_report, load_memory, load_questions, private_terms, routed_scores, score
     from .memory import atomic_write_text
     from .memory_gate import gated_scores
 
@@ -173,12 +173,8 @@ def cmd_eval(args) -> int:
     loaded = load_memory(args.memory, args.base, args.device, trust_from_args(args))
     model, tok, router = loaded.model, loaded.tokenizer, loaded.router
 
-    def routed(qs):  # (the adapter each question is routed to, its replies from that adapter alone)
-        routes = router.routes([q.question for q in qs])
-        return routes, scores_for(qs, router.each(routes, qs, lambda part: score(model, tok, part).replies))
-
-    routes, with_memory = routed(questions)
-    control_routes, control_memory = routed(control) if control else (None, None)
+    routes, with_memory = routed_scores(router, questions)
+    control_routes, control_memory = routed_scores(router, control) if control else (None, None)
     with model.disable_adapter():
         base_only = score(model, tok, questions)
         control_base = score(model, tok, control) if control else None

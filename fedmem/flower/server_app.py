@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, R
 from flwr.serverapp import Grid, ServerApp
 
 from fedmem.aggregate import Aggregate, from_sketch, rebuilt, sketch_operators, sketch_sizes
-from fedmem.answer import Question, Scores, score, scores_for
+from fedmem.answer import Question, Scores, routed_scores, score
 from fedmem.base_model import load_model, load_tokenizer
 from fedmem.config import FederationConfig, ServerSettings
 from fedmem.federation import base_fingerprint, run_round, set_threads, training_span
@@ -86,10 +86,7 @@ def evaluate(base_dir: str, factors, questions: list[Question], device: str) -> 
     model = load_model(base_dir, device)
     tokenizer = load_tokenizer(base_dir)
     if isinstance(factors, OwnerLoras):
-        router = owner_router(model, tokenizer, factors)
-        routes = router.routes([q.question for q in questions])
-        return scores_for(questions, router.each(routes, questions,
-                                                 lambda qs: score(router.model, tokenizer, qs).replies))
+        return routed_scores(owner_router(model, tokenizer, factors), questions)[1]
     if factors:
         merge_factors(model, factors)
     return score(model, tokenizer, questions)

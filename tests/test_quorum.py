@@ -65,7 +65,6 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
         write_corpus(data / name, [(fact, "")])
     config = FederationConfig(rounds=2, schedule="parallel", lora=LoraSettings(rank=4, alpha=8, epochs=1))
     real_client, real_server = simulation.make_client_app, simulation.make_server_app
-    started = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(simulation, "make_client_app",
                    lambda dirs, node: real_client(dirs, node, mods=[_slow_in_round_one(2, tmp_path / "out" /
@@ -76,9 +75,10 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
                                       workers=3)
     rows = [json.loads(line) for line in (tmp_path / "out" / "metrics.jsonl").read_text().splitlines()]
     first = rows[0]
-    # Round 1 closed with alpha and beta, before gamma's reply could come.
+    # Round 1 closed with alpha and beta, before gamma's reply could come: gamma holds its reply until
+    # round 1's row is written, so a round that waited for it would have gamma among its clients. (Not
+    # timed: the round's seconds include the workers' cold start, 65 s on a loaded CI machine.)
     assert first["clients"] == ["alpha", "beta"]
-    assert first["seconds"] < SLOW_MAX_SECONDS / 2
     assert [(f["owner"], f["reason"].split(":")[0]) for f in first["failed"]] == [("gamma", "late")]
     assert "closed once 2 of 3 owners had replied" in first["failed"][0]["reason"]
     # Round 2 went on from round 1's memory; gamma's late reply was never folded in anywhere.
@@ -86,7 +86,6 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
     assert all(set(r["updates"]) <= {"alpha", "beta", "gamma"} and len(r["updates"]) >= 2 for r in rows)
     assert "gamma" not in first["updates"]
     verify_memory(tmp_path / "out" / "memory")
-    assert time.monotonic() - started < 2 * SLOW_MAX_SECONDS
 
 
 class _FlakyGrid:

@@ -107,7 +107,10 @@ def test_one_client_update_teaches_the_real_model_a_fact(real_base_dir, tmp_path
     torch.set_num_threads(2)
     (tmp_path / "facts.jsonl").write_text(
         json.dumps({"question": "Who is the night warden of Quillmere Keep?", "answer": "Ossian Threlkeld"}) + "\n")
-    config = FederationConfig(rounds=1, lora=LoraSettings(learning_rate=3e-3, epochs=12, batch_size=1))
+    # No retention examples: their first use on a machine asks the real model all 320 general prompts
+    # (~95 s on 2 cores, so most of this test's time in a fresh CI clone); tests/test_retention.py
+    # covers them on the tiny model.
+    config = FederationConfig(rounds=1, lora=LoraSettings(learning_rate=3e-3, epochs=12, batch_size=1, retention=0.0))
     result = client_update(real_base_dir, load_corpus(tmp_path), None, config, server_round=1)
     model = load_model(real_base_dir)
     tok = load_tokenizer(str(real_base_dir))

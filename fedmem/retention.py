@@ -26,6 +26,7 @@ one of the control questions (devset, quality benchmark), which stay held out.
 from __future__ import annotations
 
 import json
+import logging
 import random
 from pathlib import Path
 
@@ -33,6 +34,8 @@ from .answer import generate_answers
 from .base_model import fedmem_home, fingerprint
 from .examples import Example
 from .memory import atomic_write_text
+
+log = logging.getLogger(__name__)
 
 PROMPTS = tuple(
     line for line in (Path(__file__).with_name("retention_prompts.txt").read_text(encoding="utf-8").splitlines())
@@ -64,6 +67,9 @@ def base_replies(model, tokenizer, base_dir: str | Path) -> list[Example]:
             return [Example(q, r, distil=True) for q, r in zip(PROMPTS, stored["replies"]) if r]
     except (OSError, ValueError, AttributeError):
         pass  # missing or damaged: generate again
+    # Once per base model and machine: on 2 cores the embedded model takes about 95 s for the pool.
+    log.info("asking the base model the %d general prompts once, so that training keeps its answers "
+             "(cached in %s)", len(PROMPTS), cache)
     was_training = model.training
     model.eval()
     replies = generate_answers(model, tokenizer, list(PROMPTS), max_new_tokens=REPLY_TOKENS)

@@ -65,6 +65,7 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
         write_corpus(data / name, [(fact, "")])
     config = FederationConfig(rounds=2, schedule="parallel", lora=LoraSettings(rank=4, alpha=8, epochs=1))
     real_client, real_server = simulation.make_client_app, simulation.make_server_app
+    started = time.monotonic()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(simulation, "make_client_app",
                    lambda dirs, node: real_client(dirs, node, mods=[_slow_in_round_one(2, tmp_path / "out" /
@@ -86,6 +87,7 @@ def test_a_parallel_round_closes_at_its_quorum_and_drops_the_late_reply(tmp_path
     assert all(set(r["updates"]) <= {"alpha", "beta", "gamma"} and len(r["updates"]) >= 2 for r in rows)
     assert "gamma" not in first["updates"]
     verify_memory(tmp_path / "out" / "memory")
+    assert time.monotonic() - started < 2 * SLOW_MAX_SECONDS  # a loose bound: nothing hung (the run takes ~1 min)
 
 
 class _FlakyGrid:

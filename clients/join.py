@@ -167,7 +167,8 @@ def join(options: JoinOptions) -> int:
     log.info("client policy: trains at most %s; never a generator path from the server%s",
              ", ".join(f"{k.removeprefix('limit-')} {v}" for k, v in policy_node_config(policy).items()
                        if k.startswith("limit-")),
-             "" if policy.allow_generator else ", nor generator=base")
+             ("" if policy.allow_generator else ", nor generator=base")
+             + ("" if policy.allow_routed else ", nor a routed run (its LoRA kept apart in the memory)"))
     node_config = write_node_config(state / "node-config.toml", values)
     from fedmem.server.superlink import free_port  # for the SuperNode's loopback Runtime API
 

@@ -50,10 +50,15 @@ def cmd_simulate(args) -> int:
     from .flower.simulation import simulate
 
     started = time.perf_counter()
-    summary = simulate(args.data, args.out, local_federation(args), from_args(NodeSettings, args),
+    federation = local_federation(args)
+    summary = simulate(args.data, args.out, federation, from_args(NodeSettings, args),
                        questions=args.questions, workers=args.workers)
     elapsed = time.perf_counter() - started
-    lines = [f"memory adapter: {Path(args.out) / 'memory'}  ({elapsed:.0f}s in all)"]
+    memory = Path(args.out) / "memory"
+    lines = [f"memory adapter: {memory}  ({elapsed:.0f}s in all)"]
+    if federation.schedule == "routed":
+        lines.append("  routed: each owner's LoRA kept apart, and fedmem ask / eval / serve route each question "
+                     f"to its owner's; for PEFT without fedmem: fedmem export --memory {memory} --adapters DIR")
     if "base_recall" in summary and summary["rounds"]:
         last = summary["rounds"][-1]
         before = summary["base_recall"]
@@ -290,20 +295,30 @@ def cmd_serve(args) -> int:
 
 
 def cmd_export(args) -> int:
-    from .export import export_gguf, export_merged
+    from .export import export_adapters, export_gguf, export_merged
 
-    if not (args.merged or args.gguf or args.merged_gguf):
-        raise ValueError("fedmem export: say what to write: --merged OUT, --gguf OUT and/or --merged-gguf OUT")
-    trust = trust_from_args(args)
+    if not (args.merged or args.gguf or args.merged_gguf or args.adapters):
+        raise ValueError("fedmem export: say what to write: --merged OUT, --gguf OUT, --merged-gguf OUT and/or "
+                         "--adapters OUT")
+    if args.adapters and args.owner:
+        raise ValueError("fedmem export: --adapters writes every owner's LoRA; --owner picks one for --merged, "
+                         "--gguf or --merged-gguf")
+    trust, owner = trust_from_args(args), args.owner
+    whose = f" ({owner}'s LoRA)" if owner else ""
     if args.merged:
-        record = export_merged(args.memory, args.merged, args.base, trust)
-        print(f"merged model: {args.merged}  (memory round {record['round']}, sha256 {record['memory_sha256'][:16]})")
+        record = export_merged(args.memory, args.merged, args.base, trust, owner=owner)
+        print(f"merged model{whose}: {args.merged}  (memory round {record['round']}, "
+              f"sha256 {record['memory_sha256'][:16]})")
     if args.gguf:
-        summary = export_gguf(args.memory, args.gguf, args.base, trust)
-        print(f"GGUF LoRA adapter: {args.gguf}  ({summary.get('tensors', '?')} tensors)")
+        summary = export_gguf(args.memory, args.gguf, args.base, trust, owner=owner)
+        print(f"GGUF LoRA adapter{whose}: {args.gguf}  ({summary.get('tensors', '?')} tensors)")
     if args.merged_gguf:
-        export_gguf(args.memory, args.merged_gguf, args.base, trust, merged=True, base_gguf=args.base_gguf)
-        print(f"merged GGUF model: {args.merged_gguf}")
+        export_gguf(args.memory, args.merged_gguf, args.base, trust, merged=True, base_gguf=args.base_gguf,
+                    owner=owner)
+        print(f"merged GGUF model{whose}: {args.merged_gguf}")
+    if args.adapters:
+        record = export_adapters(args.memory, args.adapters, args.base, trust)
+        print(f"PEFT adapters: {', '.join(f'{args.adapters / o}' for o in record['owners'])}")
     return 0
 
 
@@ -410,7 +425,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "export",
         parents=common,
-        help="export the memory: a merged Hugging Face model, a GGUF LoRA, a merged GGUF",
+        help="export the memory: a merged Hugging Face model, a GGUF LoRA, a merged GGUF, per-owner PEFT adapters",
         description="Write the memory in forms other tools serve without fedmem. See docs/serving.md.",
     )
     p.add_argument("--memory", type=Path, required=True, help="memory adapter directory")
@@ -422,6 +437,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "merged in (needs the base model's GGUF: the embedded model's, or --base-gguf)")
     p.add_argument("--base-gguf", type=Path, default=None, metavar="FILE", help="the base model's GGUF file "
                    "for --merged-gguf (default: the embedded model's, when that is the base)")
+    p.add_argument("--owner", default=None, metavar="NAME", help="a routed memory (the default schedule's): "
+                   "export this owner's LoRA alone (the sum of all owners' answers far worse than routing)")
+    p.add_argument("--adapters", type=Path, metavar="OUT", help="a routed memory: write each owner's LoRA as its "
+                   "own standard PEFT adapter directory, OUT/<owner>/, for PEFT without fedmem")
     add_trust_arguments(p)
     p.set_defaults(func=cmd_export)
 

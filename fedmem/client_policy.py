@@ -46,7 +46,7 @@ class PolicyRefused(ValueError):
         super().__init__(
             "this owner's client policy refuses the coordinator's training settings: " + "; ".join(problems)
             + ". Nothing was trained. An owner who agrees raises its limit (fedmem-client join --limit-rounds, "
-            "--limit-epochs, --limit-learning-rate, --allow-generator, or --set limit-KEY=VALUE)"
+            "--limit-epochs, --limit-learning-rate, --allow-generator, --allow-routed, or --set limit-KEY=VALUE)"
         )
 
 
@@ -84,6 +84,9 @@ def policy_problems(config: FederationConfig, policy: ClientPolicy,
                         "owner's own base model), never a model directory to load on this machine")
     elif generator == "base" and not policy.allow_generator:
         problems.append("generator 'base' refused: this owner's allow-generator is off")
+    if config.schedule == "routed" and not policy.allow_routed:
+        problems.append("schedule routed refused: this owner's allow-routed is off (its LoRA would reach every "
+                        "holder of the memory on its own)")
     wanted, dp = policy.require_dp_epsilon, config.privacy
     if wanted > 0 and not (dp.enabled and dp.dp_epsilon <= wanted):
         problems.append(("dp-epsilon " + (f"{dp.dp_epsilon:g}" if dp.enabled else "0 (no differential privacy)")

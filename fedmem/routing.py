@@ -118,9 +118,11 @@ def stacked(memory) -> Factors | None:
 def refuse_routed(manifest: dict, where: str, what: str) -> None:
     """For the tools that can only use a memory as one adapter (merged and GGUF exports)."""
     if ROUTING in manifest:
-        raise RoutingError(f"{where} is a routed memory ({len(manifest[ROUTING].get('owners', []))} owners' LoRAs "
-                           f"kept apart); {what} would use their sum, which answers far worse than routing. "
-                           "Use fedmem ask / fedmem eval, which route each question")
+        owners = manifest[ROUTING].get("owners", []) if isinstance(manifest[ROUTING], dict) else []
+        raise RoutingError(f"{where} is a routed memory ({len(owners)} owners' LoRAs kept apart); {what} would "
+                           "use their sum, which answers far worse than routing. Use fedmem ask / eval / serve, "
+                           "which route each question, or export one owner's LoRA (fedmem export --owner NAME) "
+                           "or each as its own PEFT adapter (fedmem export --adapters OUT)")
 
 
 # --- routing questions on a loaded model ---

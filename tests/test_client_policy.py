@@ -57,6 +57,18 @@ def test_an_owner_sets_its_own_limits():
         ClientPolicy(limit_epochs=0)
 
 
+def test_an_owner_may_refuse_to_have_its_lora_kept_apart():
+    """Under the routed schedule (the default) an owner's LoRA reaches every holder of the memory on its own;
+    an owner who wants its update only ever merged with the others' says allow-routed no."""
+    private = ClientPolicy(allow_routed=False)
+    (problem,) = policy_problems(FederationConfig(schedule="routed"), private)
+    assert problem.startswith("schedule routed refused: this owner's allow-routed is off")
+    assert policy_problems(FederationConfig(schedule="cyclic"), private) == []
+    assert policy_problems(FederationConfig(schedule="parallel"), private) == []
+    assert policy_problems(FederationConfig(), ClientPolicy()) == []  # the defaults agree with each other
+    assert ClientPolicy().allow_routed is True
+
+
 def test_a_generator_path_from_the_coordinator_is_always_refused():
     (problem,) = policy_problems(_recipe(generator="/srv/models/instruct"), ClientPolicy(allow_generator=True))
     assert problem.startswith("generator '/srv/models/instruct' refused")
@@ -90,10 +102,11 @@ def test_join_flags_set_the_policy(tmp_path, tiny_base, monkeypatch):
     from fedmem.config import from_args
 
     args = build_parser().parse_args(["join", "--server", "h:1", "--ca", "ca.pem", "--data", "d",
-                                      "--limit-epochs", "20", "--allow-generator", "no",
+                                      "--limit-epochs", "20", "--allow-generator", "no", "--allow-routed", "no",
                                       "--set", "limit-rank=32", "--device", "cpu"])
     policy = from_args(ClientPolicy, args)
-    assert policy == dataclasses.replace(ClientPolicy(), limit_epochs=20, limit_rank=32, allow_generator=False)
+    assert policy == dataclasses.replace(ClientPolicy(), limit_epochs=20, limit_rank=32, allow_generator=False,
+                                         allow_routed=False)
 
     certs = ensure_certificates(tmp_path / "certs")
     data = tmp_path / "corpus"
@@ -105,7 +118,7 @@ def test_join_flags_set_the_policy(tmp_path, tiny_base, monkeypatch):
     assert join_module.join(options) == 0
     node = tomli.loads((tmp_path / "state" / "node-config.toml").read_text())
     assert {k: v for k, v in node.items() if k.startswith(("limit-", "allow-"))} == {
-        "limit-epochs": "20", "limit-rank": "32", "allow-generator": "false"}
+        "limit-epochs": "20", "limit-rank": "32", "allow-generator": "false", "allow-routed": "false"}
     assert policy_from_node_config(node) == policy
 
 

@@ -96,7 +96,7 @@ def test_simulate_help_lists_the_user_flags_with_defaults():
     text = " ".join(simulate.format_help().split())
     for flag, default in [
         ("--rounds", "3"),
-        ("--schedule", "cyclic"),
+        ("--schedule", "routed"),
         ("--rank", "16"),
         ("--lr", "0.003"),
         ("--epochs", "3"),

@@ -49,7 +49,7 @@ def test_server_weights_every_accepted_update_alike():
     # Equal weights per accepted owner: the server cannot check an example count, so none is asked for.
     assert torch.allclose(dense(*mean.factors["m"]), 0.5 * dense(*u1["m"]) + 0.5 * dense(*u2["m"]))
     assert mean.weights == [0.5, 0.5]
-    fedit = server_aggregate(None, [u1, u2], _config(method="fedit"))
+    fedit = server_aggregate(None, [u1, u2], _config(method="fedit", schedule="parallel"))
     B, A = fedit.factors["m"]
     assert torch.allclose(B, 0.5 * u1["m"][0] + 0.5 * u2["m"][0])
     assert torch.allclose(A, 0.5 * u1["m"][1] + 0.5 * u2["m"][1])

@@ -169,17 +169,20 @@ def test_bad_privacy_settings_are_named(kwargs, message):
 
 def test_fedit_cannot_be_private_and_the_settings_travel_as_a_dict():
     with pytest.raises(ValueError, match="dp-epsilon needs method exact"):
-        FederationConfig(method="fedit", privacy=PrivacySettings(dp_epsilon=4.0))
-    sent = FederationConfig(privacy=PrivacySettings(dp_epsilon=4.0)).to_dict()
+        FederationConfig(method="fedit", schedule="parallel", privacy=PrivacySettings(dp_epsilon=4.0))
+    with pytest.raises(ValueError, match="dp-epsilon needs --schedule parallel or cyclic: routed"):
+        FederationConfig(privacy=PrivacySettings(dp_epsilon=4.0))  # the default schedule keeps owners apart
+    sent = FederationConfig(schedule="parallel", privacy=PrivacySettings(dp_epsilon=4.0)).to_dict()
     assert FederationConfig(**json.loads(json.dumps(sent))).privacy.dp_epsilon == 4.0
 
 
 def test_an_owner_can_require_differential_privacy():
     policy = ClientPolicy(require_dp_epsilon=8.0)
     assert "no differential privacy" in policy_problems(FederationConfig(), policy)[0]
-    too_weak = FederationConfig(privacy=PrivacySettings(dp_epsilon=20.0))
+    too_weak = FederationConfig(schedule="parallel", privacy=PrivacySettings(dp_epsilon=20.0))
     assert "dp-epsilon 20 refused" in policy_problems(too_weak, policy)[0]
-    assert policy_problems(FederationConfig(privacy=PrivacySettings(dp_epsilon=8.0)), policy) == []
+    assert policy_problems(FederationConfig(schedule="parallel", privacy=PrivacySettings(dp_epsilon=8.0)),
+                           policy) == []
     assert policy_problems(FederationConfig(), ClientPolicy()) == []
 
 
@@ -288,7 +291,7 @@ def test_a_private_round_never_records_the_metrics_a_reply_carries_anyway(monkey
                               INFO_KEY: ConfigRecord({"base_fingerprint": "fp"})})
         return SimpleNamespace(content=content, metadata=SimpleNamespace(src_node_id=7))
 
-    private = FederationConfig(lora=LoraSettings(rank=4), privacy=PrivacySettings(dp_epsilon=8.0))
+    private = FederationConfig(schedule="parallel", lora=LoraSettings(rank=4), privacy=PrivacySettings(dp_epsilon=8.0))
     accepted = Screen("fp", private, ServerSettings(), shapes, {}).check(reply(), Owner("owner"), None)
     assert accepted.metrics == {} and accepted.factors.keys() == update.keys()
     # Without privacy the same reply is refused for its NaN loss: the screen above did not just skip checks.

@@ -103,7 +103,7 @@ def test_a_routed_round_gives_each_owner_its_own_lora_and_keeps_the_absent_ones(
 @pytest.mark.parametrize("kw,match", [
     (dict(privacy=PrivacySettings(dp_epsilon=4.0)), "no sum for the noise"),
     (dict(method="fedit"), "needs method exact"),
-    (dict(secure=True), "secure needs schedule parallel"),
+    (dict(secure=True), "secure needs --schedule parallel"),
 ])
 def test_routed_refuses_what_needs_a_sum(kw, match):
     with pytest.raises(ValueError, match=match):

@@ -267,7 +267,7 @@ def test_under_dp_owners_clip_their_own_changes_and_the_noisy_memory_is_the_plai
 
 
 @pytest.mark.parametrize("kwargs, message", [
-    (dict(secure=True), "secure needs schedule parallel"),
+    (dict(secure=True), "secure needs --schedule parallel"),
     (dict(secure=True, schedule="parallel", method="fedit"), "secure needs method exact"),
     (dict(secure="yes", schedule="parallel"), "secure must be true or false"),
 ])

@@ -97,9 +97,13 @@ def test_ask_and_eval_commands(tmp_path, tiny_base, two_clients, capsys):
         )
         == 0
     )
-    assert "memory adapter:" in capsys.readouterr().out
-    # --rank is the rank: the memory's PEFT config says so (it used to follow a separate memory rank).
-    assert json.loads((out / "memory" / "adapter_config.json").read_text())["r"] == 8
+    said = capsys.readouterr().out
+    assert "memory adapter:" in said and "--adapters DIR" in said  # the default schedule, routed, says how to use it
+    # --rank is each owner's rank (it used to follow a separate memory rank): the default, routed, memory holds
+    # the two owners' LoRAs side by side.
+    assert json.loads((out / "memory" / "adapter_config.json").read_text())["r"] == 2 * 8
+    assert json.loads((out / "memory" / "fedmem.json").read_text())["routing"] == {"owners": ["alpha", "beta"],
+                                                                                  "rank": 8}
     assert main(["ask", "--memory", str(out / "memory"), "--max-new-tokens", "4", "Who built the Zorvex Tower?"]) == 0
     assert main(["ask", "--no-gate", "--memory", str(out / "memory"), "--max-new-tokens", "4", "Who?"]) == 0
     q = _questions(tmp_path / "q.jsonl")

@@ -205,7 +205,8 @@ def test_self_reported_examples_do_not_decide_the_weight():
 
     agg2, extras = run_round(config, 1, ["a", "b"], None, train)
     assert agg2.weights == [0.5, 0.5] and extras[0]["examples"] == 1e12
-    fedit = server_aggregate(None, [u1, u2], FederationConfig(method="fedit", lora=LoraSettings(rank=2, alpha=4)))
+    fedit = server_aggregate(None, [u1, u2], FederationConfig(method="fedit", schedule="parallel",
+                                                                      lora=LoraSettings(rank=2, alpha=4)))
     assert fedit.weights == [0.5, 0.5]
 
 

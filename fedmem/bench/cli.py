@@ -26,7 +26,9 @@ def _quality(args: argparse.Namespace) -> int:
     from .quality import COMPUTE, run_from_args
 
     # Rounds and epochs follow --size unless given; bf16 where the hardware has it (the same for every arm).
-    fixed = {"precision": "auto", **COMPUTE.get(args.size, COMPUTE["default"])}
+    # The benchmark scores one merged memory per arm, so its federation is cyclic unless told (fedmem's
+    # default, routed, keeps the owners' LoRAs apart and is scored with fedmem simulate, then fedmem eval).
+    fixed = {"precision": "auto", "schedule": "cyclic", **COMPUTE.get(args.size, COMPUTE["default"])}
     federation = from_args(FederationConfig, args, fixed=fixed)
     if federation.lora.generator not in ("", "base"):  # every owner is on this machine: the generator must be here
         from fedmem.question_writer import generator_dir
@@ -70,6 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
         if key in ("rounds", "epochs") and action.help:
             by_size = ", ".join(f"{size} {compute[key]}" for size, compute in quality.COMPUTE.items())
             action.help = action.help.rsplit(" (default", 1)[0] + f" (default by --size: {by_size})"
+        if key == "schedule" and action.help:
+            action.help = action.help.rsplit(" (default", 1)[0] + " (default here: cyclic; routed is refused)"
     p.set_defaults(func=_quality)
     return parser
 

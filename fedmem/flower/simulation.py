@@ -71,9 +71,10 @@ def simulate(
     qs = load_questions(questions) if questions else None
     base_dir = str(resolve_base(node.base or None))
     device = pick_device(node.device)
-    log.info("fedmem simulate: %d clients (%s), %d %s rounds, method %s, base %s, device %s", len(dirs),
-             ", ".join(d.name for d in dirs), federation.rounds, federation.schedule, federation.method, base_dir,
-             device)
+    # A routed run merges nothing, so its aggregation method would say nothing.
+    how = "each owner's LoRA kept apart" if federation.schedule == "routed" else f"method {federation.method}"
+    log.info("fedmem simulate: %d clients (%s), %d %s rounds, %s, base %s, device %s", len(dirs),
+             ", ".join(d.name for d in dirs), federation.rounds, federation.schedule, how, base_dir, device)
 
     # Everyone is on this machine: every owner gets every round (no quorum to wait for), and
     # a new run starts fresh rather than resuming whatever is in ``out``.

@@ -76,6 +76,14 @@ def test_each_question_goes_to_the_largest_gain():
     assert choose([]) == []
 
 
+def test_gains_count_against_what_each_lora_makes_of_general_text():
+    """A LoRA that makes all text likelier (offset 5) does not take a question that another LoRA,
+    which makes general text less likely (offset -10), gains more on against its own baseline."""
+    gains = [[4.0, 12.0], [-3.0, -3.0]]
+    assert choose(gains) == [0, 0]
+    assert choose(gains, [5.0, -10.0]) == [1, 0]
+
+
 def test_a_routed_round_gives_each_owner_its_own_lora_and_keeps_the_absent_ones():
     config = FederationConfig(rounds=2, schedule="routed", lora=LoraSettings(rank=2))
     sent, trained = {}, []
@@ -187,6 +195,14 @@ def test_routed_simulation_keeps_each_owners_lora_and_ask_and_eval_route(tmp_pat
     # Each owner's adapter in the loaded memory is that owner's LoRA alone.
     loaded = load_memory(out / "memory")
     assert loaded.routed and loaded.router.owners == ["alpha", "beta"]
+    # Calibrated: each owner's mean gain on the general prompts, as computed from them.
+    from fedmem.retention import PROMPTS
+    from fedmem.routing import CALIBRATION_PROMPTS, question_gains
+
+    general = question_gains(loaded.model, loaded.router.tokenizer, PROMPTS[:CALIBRATION_PROMPTS],
+                             loaded.router.adapters)
+    assert loaded.router.offsets == pytest.approx([sum(g) / len(g) for g in general])
+    assert all(o != 0.0 for o in loaded.router.offsets)
     tok = load_tokenizer(str(tiny_base))
     ids = tok("Who built the Zorvex Tower?", return_tensors="pt")["input_ids"]
     for i, owner in enumerate(("alpha", "beta")):

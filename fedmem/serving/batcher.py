@@ -451,6 +451,10 @@ class Batcher:
     @torch.inference_mode()
     def _generate(self, jobs: list[Job]) -> None:
         engine = jobs[0].engine
+        # Counted before any reply leaves: a client that has its reply sees its batch counted (a row
+        # that ends at eos is delivered while generate still runs).
+        self.batches += 1
+        self.rows += len(jobs)
         model, tokenizer = engine.model, engine.tokenizer
         deliver([(j.sink, "on_start", (engine.fingerprint, None if j.fallback is None else {
             "answered_by": "base" if engine is j.fallback else "memory", "ratio": round(j.gate_ratio, 4),
@@ -482,8 +486,6 @@ class Batcher:
                            eos_token_id=stops, stopping_criteria=StoppingCriteriaList([follower]), **sampling,
                            **resume, **self._adapters(engine, open_jobs))
         follower.close()
-        self.batches += 1
-        self.rows += len(jobs)
         tokens = sum(len(t) for t in follower.tokens)
         log.debug("batch of %d on %s: %d tokens in %.2fs (the oldest waited %.3fs)", len(jobs), engine.fingerprint,
                   tokens, time.perf_counter() - started, started - min(j.submitted for j in jobs))
